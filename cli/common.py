@@ -1,0 +1,21 @@
+"""Shared pieces of the Typer commands: the error guard that turns a UserError into one line and exit 2."""
+
+import functools
+
+import typer
+
+from restune_sd.errors import UserError
+
+
+def user_errors(command):
+    """Run a command so that bad input prints `error: ...` on one line and exits 2, never a traceback."""
+
+    @functools.wraps(command)
+    def guarded(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+
+    return guarded

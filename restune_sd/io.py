@@ -1,0 +1,136 @@
+"""Saving a trained tuner as a folder (config JSON + safetensors) and attaching it to a fresh backbone.
+
+A tuner folder holds `tuner_config.json` and `tuner.safetensors` (tuner weights only, plus the head for
+classifiers). It is written to a temporary sibling and renamed into place, so it is never half-written.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from restune_sd.attention import guard_processors
+from restune_sd.config import TuningConfig
+from restune_sd.errors import UserError
+from restune_sd.inject import attach, backbone_kind, unwrap
+
+FORMAT = "restune-sd-tuner/1"
+CONFIG_FILE = "tuner_config.json"
+WEIGHTS_FILE = "tuner.safetensors"
+# Run directories (see `restune-sd train`) keep the final tuner in this sub-folder.
+RUN_TUNER_DIR = "tuner"
+
+
+def backbone_signature(model) -> dict:
+    """The shape-defining config fields a tuner depends on."""
+    kind = backbone_kind(model)
+    keys = {
+        "unet": ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim", "down_block_types", "up_block_types"),
+        "vit": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size", "image_size"),
+    }[kind]
+    config = model.config
+    return {k: list(v) if isinstance(v, (list, tuple)) else v for k in keys for v in [getattr(config, k, None)]}
+
+
+def tuner_state(model) -> dict[str, torch.Tensor]:
+    tuned = model.restune
+    params = dict(model.named_parameters())
+    return {name: params[name].detach().contiguous().cpu() for name in tuned.param_names + tuned.head_names}
+
+
+def save_tuner(model, path, extra: dict | None = None) -> Path:
+    """Write the tuner attached to `model` into the new folder `path` (which must not hold files)."""
+    model = unwrap(model)
+    if getattr(model, "restune", None) is None:
+        raise UserError("this model carries no restune tuner: attach one with restune_sd.attach or load_tuner first")
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(f"{path} already holds files: choose a new folder (nothing is overwritten)")
+    if backbone_kind(model) == "unet":
+        guard_processors(model)
+    meta = {
+        "format": FORMAT,
+        "backbone": {"kind": model.restune.backbone, "class": type(model).__name__, "signature": backbone_signature(model)},
+        "tuning": model.restune.config.to_dict(),
+        "tuner_params": sum(p.numel() for n, p in model.named_parameters() if n in set(model.restune.param_names)),
+        **(extra or {}),
+    }
+    if model.restune.head_names:
+        meta["head"] = {"num_labels": model.config.num_labels, "id2label": {str(k): v for k, v in model.config.id2label.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_file(tuner_state(model), str(staging / WEIGHTS_FILE))
+        (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if path.exists():
+            path.rmdir()
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def find_tuner_dir(path) -> Path:
+    """A tuner folder, or a training run directory holding one in `tuner/`."""
+    path = Path(path)
+    for candidate in (path, path / RUN_TUNER_DIR):
+        if (candidate / CONFIG_FILE).is_file() and (candidate / WEIGHTS_FILE).is_file():
+            return candidate
+    raise UserError(f"{path} is not a tuner folder or a run directory: expected {CONFIG_FILE} and {WEIGHTS_FILE} in it or in {path / RUN_TUNER_DIR}")
+
+
+def read_tuner_config(path) -> dict:
+    meta = json.loads((find_tuner_dir(path) / CONFIG_FILE).read_text())
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{path}: unknown tuner format {meta.get('format')!r} (expected {FORMAT})")
+    return meta
+
+
+def _resize_head(model, head: dict) -> None:
+    num_labels = head["num_labels"]
+    if model.classifier.out_features != num_labels:
+        model.classifier = nn.Linear(model.classifier.in_features, num_labels).to(model.classifier.weight.device)
+    model.config.num_labels = num_labels
+    model.config.id2label = {int(k): v for k, v in head["id2label"].items()}
+    model.config.label2id = {v: int(k) for k, v in head["id2label"].items()}
+
+
+def load_tuner(model, path):
+    """Attach the saved tuner at `path` (a tuner folder or a run directory) to a plain backbone and return it.
+
+    `model` is a diffusers UNet2DConditionModel, a Stable Diffusion pipeline (its UNet is tuned in place and the
+    pipeline returned) or a transformers ViTForImageClassification.
+    """
+    folder = find_tuner_dir(path)
+    meta = read_tuner_config(folder)
+    backbone = unwrap(model)
+    kind = backbone_kind(backbone)
+    saved = meta["backbone"]
+    if saved["kind"] != kind:
+        raise UserError(f"tuner {folder} was trained for a {saved['kind']}, not a {kind}: load it into a {saved['kind']}")
+    here = backbone_signature(backbone)
+    differ = [k for k, v in saved["signature"].items() if here.get(k) != v]
+    if differ:
+        k = differ[0]
+        raise UserError(f"tuner {folder} does not fit this {kind}: it was trained with {k}={saved['signature'][k]}, this model has {k}={here.get(k)}")
+    if "head" in meta:
+        _resize_head(backbone, meta["head"])
+    attach(backbone, TuningConfig.from_dict(meta["tuning"]))
+    state = load_file(str(folder / WEIGHTS_FILE))
+    params = dict(backbone.named_parameters())
+    expected = set(backbone.restune.param_names + backbone.restune.head_names)
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise UserError(f"tuner {folder} does not fit this {kind}: {len(missing)} missing and {len(unexpected)} unexpected weights (e.g. {(missing or unexpected)[0]})")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if params[name].shape != tensor.shape:
+                raise UserError(f"tuner {folder} does not fit this {kind}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(params[name].shape)}")
+            params[name].copy_(tensor)
+    return model

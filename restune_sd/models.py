@@ -1,0 +1,84 @@
+"""Backbones: the real SD v1.5 UNet and ViT-B/16 architectures with random weights, and loading local folders.
+
+`build_architecture("sd15")` builds the 859.52M-parameter SD v1.5 UNet from its config (no download);
+on the `meta` device it costs no memory, which is how `restune-sd info` counts parameters.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from restune_sd.errors import UserError
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0,
+)
+VIT_B16 = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+               image_size=224, patch_size=16, num_labels=100)
+ARCHITECTURES = ("sd15", "vit-b16")
+
+
+def build_architecture(name: str, device: str = "meta", num_labels: int | None = None):
+    """A randomly initialised SD v1.5 UNet (`sd15`) or ViT-B/16 classifier (`vit-b16`)."""
+    if name not in ARCHITECTURES:
+        raise UserError(f"unknown architecture {name!r}: use one of {', '.join(ARCHITECTURES)} or a model folder")
+    with torch.device(device):
+        if name == "sd15":
+            from diffusers import UNet2DConditionModel
+
+            return UNet2DConditionModel(**SD15_UNET)
+        from transformers import ViTConfig, ViTForImageClassification
+
+        return ViTForImageClassification(ViTConfig(**{**VIT_B16, "num_labels": num_labels or VIT_B16["num_labels"]}))
+
+
+def model_kind(path) -> str:
+    """'sd' for a diffusers pipeline folder, 'unet' for a bare UNet folder, 'vit' for a transformers ViT folder."""
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        return "sd"
+    config = path / "config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        if data.get("_class_name") == "UNet2DConditionModel":
+            return "unet"
+        if data.get("model_type") == "vit":
+            return "vit"
+    raise UserError(f"{path} is not a diffusers Stable Diffusion pipeline (no model_index.json) nor a UNet or ViT folder")
+
+
+def load_unet(model: str, device: str = "cpu", dtype=torch.float32):
+    """The UNet of a pipeline folder, a bare UNet folder, `sd15` (random weights) or a hub id."""
+    from diffusers import UNet2DConditionModel
+
+    if model == "sd15":
+        return build_architecture("sd15", device="cpu").to(device, dtype)
+    path = Path(model)
+    if path.exists():
+        subfolder = "unet" if model_kind(path) == "sd" else None
+        if model_kind(path) == "vit":
+            raise UserError(f"{path} is a ViT classifier, not a Stable Diffusion model")
+        return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype).to(device)
+    try:
+        return UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype).to(device)
+    except Exception as error:
+        raise UserError(f"cannot load a UNet from {model!r} (not a local folder; hub: {str(error).splitlines()[0]})") from None
+
+
+def load_vit(model: str, device: str = "cpu", num_labels: int | None = None):
+    """A ViT classifier from a transformers folder, `vit-b16` (random weights) or a hub id; new head if num_labels differs."""
+    from transformers import ViTForImageClassification
+
+    if model == "vit-b16":
+        return build_architecture("vit-b16", device="cpu", num_labels=num_labels).to(device)
+    kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels else {}
+    if Path(model).exists() and model_kind(model) != "vit":
+        raise UserError(f"{model} is a Stable Diffusion model, not a ViT classifier")
+    try:
+        return ViTForImageClassification.from_pretrained(model, **kwargs).to(device)
+    except OSError as error:
+        raise UserError(f"cannot load a ViT from {model!r}: {str(error).splitlines()[0]}") from None

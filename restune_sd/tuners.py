@@ -1,0 +1,159 @@
+"""The tuners themselves: plain nn.Modules that read a frozen operation's input and return a branch to add.
+
+Res-Adapter, Res-Prefix and Res-Prompt follow METHOD.md §1 (`out = OP(x) + sum_k ResTuner_k(x)`);
+the bound originals reuse the same parameter containers with the original wiring.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """Feature maps (B, C, H, W) are tuned per pixel over channels: move C last."""
+    return x.movedim(1, -1) if x.ndim == 4 else x
+
+
+def _channels_back(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return y.movedim(-1, 1) if like.ndim == 4 else y
+
+
+class GroupedLinear(nn.Module):
+    """A linear map over the last dimension, block-diagonal in `groups` groups (a grouped 1x1 conv)."""
+
+    def __init__(self, in_features: int, out_features: int, groups: int = 1, bias: bool = True):
+        super().__init__()
+        if in_features % groups or out_features % groups:
+            raise ValueError(f"groups={groups} must divide {in_features} and {out_features}")
+        self.groups = groups
+        self.weight = nn.Parameter(torch.empty(groups, in_features // groups, out_features // groups))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        bound = 1 / math.sqrt(in_features // groups)  # nn.Linear's default init, per group
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grouped = x.unflatten(-1, (self.groups, -1))
+        y = torch.einsum("...gi,gio->...go", grouped, self.weight).flatten(-2)
+        return y + self.bias if self.bias is not None else y
+
+
+class ResAdapter(nn.Module):
+    """`s * W_up(GELU(W_down x + b_down)) + b_up` over channels; zero-initialised W_up, b_up give a zero branch.
+
+    Works on tokens (..., C) and on feature maps (B, C, H, W). Parameters: 2*C*L/groups + L + C + 1 (the scale).
+    """
+
+    def __init__(self, channels: int, bottleneck: int, groups: int = 1, scale: float = 1.0):
+        super().__init__()
+        self.down = GroupedLinear(channels, bottleneck, groups)
+        self.up = GroupedLinear(bottleneck, channels, groups, bias=False)
+        self.bias = nn.Parameter(torch.zeros(channels))  # b_up, outside the scale as in METHOD.md §1
+        self.act = nn.GELU()
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = _channels_last(x).to(self.down.weight.dtype)
+        h = self.scale * self.up(self.act(self.down(h))) + self.bias
+        return _channels_back(h, x).to(x.dtype)
+
+
+class PrefixTokens(nn.Module):
+    """Learned key/value tokens `K_pre, V_pre` (length x inner_dim) in the attention's projected space."""
+
+    def __init__(self, length: int, inner_dim: int, scale: float = 1.0, gate: str = "scale"):
+        super().__init__()
+        self.keys = nn.Parameter(torch.randn(length, inner_dim) * inner_dim**-0.5)
+        # Zero values make the free-scale branch exactly zero at step 0 while the keys still get gradients later.
+        self.values = nn.Parameter(torch.zeros(length, inner_dim))
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
+        self.gate = gate
+
+    def keys_values(self, to_k: nn.Module, to_v: nn.Module, dtype: torch.dtype):
+        return self.keys.to(dtype), self.values.to(dtype)
+
+
+class PromptTokens(nn.Module):
+    """Learned prompt tokens `P` (length x input_dim), projected by the frozen `W_k, W_v` of the attention.
+
+    The frozen projections may carry a bias, so the free-scale branch starts at scale 0 to be a zero branch.
+    """
+
+    def __init__(self, length: int, input_dim: int, scale: float = 0.0, gate: str = "scale"):
+        super().__init__()
+        self.tokens = nn.Parameter(torch.randn(length, input_dim) * 0.02)
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
+        self.gate = gate
+
+    def keys_values(self, to_k: nn.Module, to_v: nn.Module, dtype: torch.dtype):
+        tokens = self.tokens.to(dtype)
+        return to_k(tokens), to_v(tokens)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, heads*dh) -> (B, heads, N, dh)."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, heads, N, dh) -> (B, N, heads*dh)."""
+    return x.transpose(1, 2).flatten(2)
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None):
+    """Plain softmax attention that also returns the log-sum-exp of the scores (per query and head)."""
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores + mask
+    lse = torch.logsumexp(scores.float(), dim=-1, keepdim=True)
+    weights = torch.exp(scores.float() - lse).to(v.dtype)
+    return weights @ v, lse
+
+
+def branch_outputs(q: torch.Tensor, tokens: list[nn.Module], to_k, to_v, heads: int, attend) -> list[torch.Tensor]:
+    """Each prefix/prompt tuner's `Attn(Q, K_b, V_b)`, heads split, batch-broadcast keys."""
+    outs = []
+    for tuner in tokens:
+        k, v = tuner.keys_values(to_k, to_v, q.dtype)
+        k = split_heads(k.unsqueeze(0), heads).expand(q.shape[0], -1, -1, -1)
+        v = split_heads(v.unsqueeze(0), heads).expand(q.shape[0], -1, -1, -1)
+        outs.append(attend(q, k, v))
+    return outs
+
+
+def mix_unbound(q, main_k, main_v, main_out, tokens, to_k, to_v, heads, attend, mask=None):
+    """Frozen attention output plus every Res-Prefix/Res-Prompt branch, in (B, heads, N, dh).
+
+    Free-scale tuners add `s * Attn(Q, K_b, V_b)` to the untouched frozen output. Tuners with gate="lambda"
+    use the exact softmax split of METHOD.md §1, so together they reproduce the bound (concatenated) original:
+    `w_0 Attn(Q,K,V) + sum_b w_b Attn(Q,K_b,V_b)` with `w_i = exp(lse_i) / sum_j exp(lse_j)`.
+    """
+    free = [t for t in tokens if t.gate == "scale"]
+    gated = [t for t in tokens if t.gate == "lambda"]
+    out = main_out
+    if gated:
+        main, lse_main = attention_with_lse(q, main_k, main_v, mask)
+        parts, lses = [main], [lse_main]
+        for tuner in gated:
+            k, v = tuner.keys_values(to_k, to_v, q.dtype)
+            k = split_heads(k.unsqueeze(0), heads).expand(q.shape[0], -1, -1, -1)
+            v = split_heads(v.unsqueeze(0), heads).expand(q.shape[0], -1, -1, -1)
+            part, lse = attention_with_lse(q, k, v)
+            parts.append(part)
+            lses.append(lse)
+        weights = torch.softmax(torch.cat(lses, dim=-1), dim=-1).to(q.dtype)
+        out = sum(weights[..., i : i + 1] * part for i, part in enumerate(parts))
+    for tuner, branch in zip(free, branch_outputs(q, free, to_k, to_v, heads, attend)):
+        out = out + tuner.scale.to(branch.dtype) * branch
+    return out
+
+
+def bound_keys_values(k, v, tokens, to_k, to_v, heads):
+    """The original (bound) prefix/prompt tuning: prepend the tuners' keys and values to the frozen ones."""
+    ks, vs = [k], [v]
+    for tuner in tokens:
+        tk, tv = tuner.keys_values(to_k, to_v, k.dtype)
+        ks.insert(0, split_heads(tk.unsqueeze(0), heads).expand(k.shape[0], -1, -1, -1))
+        vs.insert(0, split_heads(tv.unsqueeze(0), heads).expand(v.shape[0], -1, -1, -1))
+    return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
