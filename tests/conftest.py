@@ -1,0 +1,67 @@
+"""Tiny backbones built from configs (no files, no downloads) and small helpers shared by the tests."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+)
+TINY_VIT = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, image_size=32,
+                patch_size=8, num_labels=5)
+
+
+def tiny_unet(seed: int = 0, **overrides):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**{**TINY_UNET, **overrides}).eval()
+
+
+def tiny_vit(seed: int = 0, **overrides):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    return ViTForImageClassification(ViTConfig(**{**TINY_VIT, **overrides})).eval()
+
+
+def unet_inputs(batch: int = 2, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, 8, 8, generator=g), torch.tensor([10, 700][:batch] + [500] * max(0, batch - 2)),
+            torch.randn(batch, 7, 32, generator=g))
+
+
+def vit_inputs(batch: int = 2, seed: int = 1):
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def run(model, inputs):
+    """The model's main output tensor for its inputs."""
+    if isinstance(inputs, tuple):
+        return model(*inputs).sample
+    return model(pixel_values=inputs).logits
+
+
+def perturb(model, seed: int = 3, std: float = 0.05):
+    """Move every trainable parameter away from its (identity) initialisation, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.fixture
+def unet():
+    return tiny_unet()
+
+
+@pytest.fixture
+def vit():
+    return tiny_vit()
