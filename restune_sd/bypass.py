@@ -84,6 +84,8 @@ class Bypass(nn.Module):
         self._stems.append(output[0] if isinstance(output, tuple) else output)
 
     def _substitute(self, module, args):
+        if not self._grad_was:  # the target called on its own, outside a backbone forward
+            return None
         torch.set_grad_enabled(self._grad_was[-1])
         root, stems, self._root, self._stems = self._root, self._stems, None, []
         return (self.ladder(root, stems), *args[1:])

@@ -71,7 +71,7 @@ def match_blocks(blocks: dict[str, nn.Module], pattern: str) -> dict[str, nn.Mod
     chosen = {n: b for n, b in blocks.items() if regex.fullmatch(n) or n.endswith(pattern)}
     if not chosen:
         example = next(iter(blocks), "none")
-        raise UserError(f"blocks pattern {pattern!r} matches no transformer block (they are named like {example!r})")
+        raise UserError(f"blocks pattern '{pattern}' matches no transformer block (they are named like {example!r})")
     return chosen
 
 
