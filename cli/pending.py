@@ -13,7 +13,5 @@ def _pending(command: str, what: str):
 
 
 PENDING = {
-    "train": "fine-tune a frozen SD UNet with a tuner",
-    "sample": "generate images with a trained tuner",
     "classify": "tune a ViT image classifier",
 }

@@ -1,0 +1,22 @@
+"""The `restune-sd` Typer app: each command lives in its own module and is registered here."""
+
+import typer
+
+from restune_sd.cli.info import info
+from restune_sd.cli.init_tiny import init_tiny
+from restune_sd.cli.sample import sample
+from restune_sd.cli.train import train
+from restune_sd.cli.pending import PENDING, _pending
+
+app = typer.Typer(
+    name="restune-sd",
+    help="Res-Tuning for Stable Diffusion and ViT: unbound tuners and the memory-efficient bypass.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.command("info")(info)
+app.command("init-tiny")(init_tiny)
+app.command("train")(train)
+app.command("sample")(sample)
+for _name, _what in PENDING.items():
+    app.command(_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_pending(_name, _what))

@@ -1,0 +1,40 @@
+"""`restune-sd sample`: generate images with a trained tuner (or several, or none) through a stock pipeline."""
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from restune_sd.cli.common import user_errors
+
+
+@user_errors
+def sample(
+    model: Annotated[str, typer.Option(help="diffusers Stable Diffusion pipeline folder or hub id")],
+    out: Annotated[Path, typer.Option(help="output folder (re-running the same job resumes it)")],
+    tuner: Annotated[list[str] | None, typer.Option(help="tuner folder or run directory; repeat for several (none: the plain model)")] = None,
+    prompt: Annotated[list[str] | None, typer.Option(help="a prompt; repeatable")] = None,
+    prompts_file: Annotated[str | None, typer.Option(help="a text file of prompts, one a line")] = None,
+    coco: Annotated[str | None, typer.Option(help="COCO2017 root: caption the first --num-images val2017 images")] = None,
+    num_images: Annotated[int | None, typer.Option(help="how many images (prompts repeat if fewer)")] = None,
+    steps: Annotated[int, typer.Option(help="denoising steps")] = 50,
+    guidance: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 7.5,
+    scheduler: Annotated[str, typer.Option(help="ddim, dpm, pndm or euler")] = "ddim",
+    seed: Annotated[int, typer.Option(help="image i uses seed + i")] = 0,
+    batch_size: Annotated[int, typer.Option(help="images per pipeline call")] = 1,
+    resolution: Annotated[int | None, typer.Option(help="image size (default: the model's own)")] = None,
+    negative_prompt: Annotated[str | None, typer.Option(help="negative prompt")] = None,
+    fp16: Annotated[bool, typer.Option(help="fp16 weights on CUDA (ignored on CPU)")] = True,
+    attention: Annotated[str, typer.Option(help="auto, xformers or sdpa")] = "auto",
+):
+    """Generate PNGs, a samples.jsonl and a contact-sheet grid.png for each tuner."""
+    from restune_sd.sample import SampleConfig, sample as run_sampling
+
+    tuners = [t for t in (tuner or []) if t.lower() != "none"]
+    results = run_sampling(SampleConfig(
+        model=model, out=str(out), tuners=tuners, prompts=prompt or [], prompts_file=prompts_file, coco=coco,
+        num_images=num_images, steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, batch_size=batch_size,
+        resolution=resolution, negative_prompt=negative_prompt, fp16=fp16, attention=attention,
+    ))
+    typer.echo(json.dumps(results, indent=2))

@@ -1,0 +1,53 @@
+"""`restune-sd train`: fine-tune a frozen SD UNet with a tuner (thin: parse, build a TrainConfig, call train)."""
+
+import json
+from typing import Annotated
+
+import typer
+
+from restune_sd.cli.common import user_errors
+
+
+@user_errors
+def train(
+    model: Annotated[str, typer.Option(help="diffusers Stable Diffusion pipeline folder or hub id")],
+    data: Annotated[str, typer.Option(help="PREFIX:ROOT: coco, cub, flowers102, cars, aircraft, food101, classfolder, folder")],
+    output: Annotated[str, typer.Option(help="new run directory (or the one to --resume)")],
+    tuner: Annotated[str, typer.Option(help="res-tuning, bypass, adapter, prefix, prompt, lora, full, or a YAML/JSON config")] = "res-tuning",
+    split: Annotated[str, typer.Option(help="data split: train, or val/test where the layout has it")] = "train",
+    resolution: Annotated[int | None, typer.Option(help="image size (default: the model's own, 512 for SD v1.5)")] = None,
+    center_crop: Annotated[bool, typer.Option(help="centre crop (--no-center-crop: random crop)")] = True,
+    random_flip: Annotated[bool, typer.Option(help="random horizontal flips")] = False,
+    caption_template: Annotated[str, typer.Option(help="caption for class-labelled sets; {} is the class name")] = "a photo of a {}",
+    max_steps: Annotated[int | None, typer.Option(help="optimizer steps (overrides --epochs)")] = None,
+    epochs: Annotated[int, typer.Option(help="passes over the data")] = 1,
+    batch_size: Annotated[int, typer.Option(help="images per process per micro-batch")] = 1,
+    gradient_accumulation: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = 1,
+    learning_rate: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-4,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 1e-2,
+    lr_scheduler: Annotated[str, typer.Option(help="constant or cosine (after warm-up)")] = "constant",
+    warmup_steps: Annotated[int, typer.Option(help="linear warm-up steps")] = 0,
+    max_grad_norm: Annotated[float, typer.Option(help="gradient clipping norm (0: off)")] = 1.0,
+    seed: Annotated[int, typer.Option(help="seed of every random draw")] = 0,
+    mixed_precision: Annotated[str, typer.Option(help="no, fp16 (CUDA) or bf16")] = "no",
+    prediction_type: Annotated[str | None, typer.Option(help="epsilon or v_prediction (default: the model's scheduler)")] = None,
+    snr_gamma: Annotated[float | None, typer.Option(help="Min-SNR loss weighting gamma (e.g. 5)")] = None,
+    noise_offset: Annotated[float, typer.Option(help="noise offset")] = 0.0,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="recompute UNet activations in backward (not for bypass)")] = False,
+    attention: Annotated[str, typer.Option(help="auto, xformers or sdpa")] = "auto",
+    cache: Annotated[bool, typer.Option(help="cache VAE latents and text embeddings after their first use")] = False,
+    checkpoint_every: Annotated[int, typer.Option(help="write a resumable checkpoint every N steps (0: never)")] = 0,
+    keep_checkpoints: Annotated[int, typer.Option(help="how many checkpoints to keep")] = 2,
+    resume: Annotated[str | None, typer.Option(help="latest, or a checkpoint file, to continue --output")] = None,
+    validation_prompt: Annotated[str | None, typer.Option(help="prompt for validation images")] = None,
+    validation_every: Annotated[int, typer.Option(help="write a validation image every N steps")] = 0,
+    tensorboard: Annotated[bool, typer.Option(help="also write TensorBoard logs")] = False,
+    num_workers: Annotated[int, typer.Option(help="data loader workers")] = 0,
+):
+    """Fine-tune a frozen SD UNet with a tuner; writes the tuner, config, metrics and loss curve to OUTPUT."""
+    from restune_sd.train import TrainConfig, train as run_training
+
+    settings = {k: v for k, v in locals().items() if k != "run_training" and k != "TrainConfig"}
+    results = run_training(TrainConfig(**settings))
+    if results:
+        typer.echo(json.dumps(results, indent=2))

@@ -1,0 +1,189 @@
+"""Generating images with a stock diffusers pipeline and a saved tuner: `sample(cfg) -> result`.
+
+Image i has its own generator seeded with `seed + i`, so a single image with `--seed S` is exactly what a stock
+pipeline gives with `generator=torch.Generator(device).manual_seed(S)`, whatever the batch size or the number
+of processes. Each PNG is written atomically; an interrupted job skips the images it already has.
+"""
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from restune_sd.errors import UserError
+
+SCHEDULERS = ("ddim", "dpm", "pndm", "euler")
+SETTINGS_FILE = "sample_config.json"
+
+
+@dataclass
+class SampleConfig:
+    """What a sampling job depends on; written to OUT/sample_config.json (or OUT/<tuner>/ for several tuners)."""
+
+    model: str
+    out: str
+    tuners: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    prompts_file: str | None = None
+    coco: str | None = None
+    num_images: int | None = None
+    steps: int = 50
+    guidance: float = 7.5
+    scheduler: str = "ddim"
+    seed: int = 0
+    batch_size: int = 1
+    resolution: int | None = None
+    negative_prompt: str | None = None
+    fp16: bool = True
+    attention: str = "auto"
+
+    def __post_init__(self):
+        if self.scheduler not in SCHEDULERS:
+            raise UserError(f"unknown --scheduler {self.scheduler!r}: use one of {', '.join(SCHEDULERS)}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise UserError("--steps and --batch-size must be at least 1")
+        sources = sum(bool(s) for s in (self.prompts, self.prompts_file, self.coco))
+        if sources != 1:
+            raise UserError("give prompts one way: --prompt (repeatable), --prompts-file, or --coco ROOT --num-images N")
+        if self.coco and not self.num_images:
+            raise UserError("--coco needs --num-images N (the first N val2017 images)")
+
+
+def read_prompts(cfg: SampleConfig, out: Path) -> list[str]:
+    """The job's prompts; with --coco the chosen images and captions are written to OUT/coco_captions.jsonl."""
+    if cfg.prompts:
+        prompts = list(cfg.prompts)
+    elif cfg.prompts_file:
+        path = Path(cfg.prompts_file)
+        if not path.is_file():
+            raise UserError(f"--prompts-file {path} does not exist")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        from restune_sd.datasets import coco_val_items
+
+        items = coco_val_items(cfg.coco, cfg.num_images, seed=cfg.seed)
+        captions = out / "coco_captions.jsonl"
+        if not captions.exists():
+            captions.write_text("".join(json.dumps({"file_name": f, "caption": c}) + "\n" for f, c in items))
+        prompts = [c for _, c in items]
+    if cfg.num_images and not cfg.coco:
+        prompts = [prompts[i % len(prompts)] for i in range(cfg.num_images)]
+    if not prompts:
+        raise UserError("no prompts to sample: the prompts file is empty")
+    return prompts
+
+
+def make_scheduler(name: str, config):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
+
+    cls = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler}[name]
+    return cls.from_config(config)
+
+
+def load_pipeline(model: str, tuner: str | None, device, dtype, attention: str):
+    """A stock StableDiffusionPipeline with the saved tuner (a tuner folder or run directory) attached."""
+    from diffusers import StableDiffusionPipeline
+
+    from restune_sd.attention import set_attention_backend
+    from restune_sd.io import load_tuner
+    from restune_sd.models import model_kind
+
+    if Path(model).exists():
+        model_kind(model)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    except OSError as error:
+        raise UserError(f"cannot load a Stable Diffusion pipeline from {model!r}: {str(error).splitlines()[0]}") from None
+    if tuner:
+        load_tuner(pipe, tuner)
+    set_attention_backend(pipe.unet, attention)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def contact_sheet(paths: list[Path], out: Path, limit: int = 64) -> Path | None:
+    from PIL import Image
+
+    paths = paths[:limit]
+    if not paths:
+        return None
+    images = [Image.open(p).convert("RGB") for p in paths]
+    w, h = images[0].size
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    sheet = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, image in enumerate(images):
+        sheet.paste(image.resize((w, h)), ((i % cols) * w, (i // cols) * h))
+    sheet.save(out)
+    return out
+
+
+def tuner_folder_name(tuner: str) -> str:
+    path = Path(tuner)
+    return path.parent.name if path.name == "tuner" else path.name
+
+
+def sample(cfg: SampleConfig) -> dict:
+    """Generate every prompt's image (for each tuner), resumably and split across accelerate processes."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    state = PartialState()
+    device = state.device
+    dtype = torch.float16 if cfg.fp16 and device.type == "cuda" else torch.float32
+    out = Path(cfg.out)
+    tuners = cfg.tuners or [None]
+    jobs = [(t, out / tuner_folder_name(t) if len(tuners) > 1 else out) for t in tuners]
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "tuners", "batch_size", "attention")}
+    for tuner, folder in jobs:  # every process checks before anything is written
+        saved = folder / SETTINGS_FILE
+        if saved.exists() and json.loads(saved.read_text())["settings"] != settings:
+            raise UserError(f"{folder} holds samples made with other settings: choose a new --out (nothing is overwritten)")
+        if not saved.exists() and folder.exists() and any(folder.iterdir()) and folder != out:
+            raise UserError(f"{folder} already holds files: choose a new --out (nothing is overwritten)")
+    if not cfg.tuners and out.exists() and any(out.iterdir()) and not (out / SETTINGS_FILE).exists():
+        raise UserError(f"{out} already holds files: choose a new --out (nothing is overwritten)")
+    state.wait_for_everyone()
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = read_prompts(cfg, out)
+
+    results = {}
+    for tuner, folder in jobs:
+        folder.mkdir(parents=True, exist_ok=True)
+        if state.is_main_process:
+            (folder / SETTINGS_FILE).write_text(json.dumps({"settings": settings, "tuner": tuner}, indent=2) + "\n")
+        names = [f"{i:05d}.png" for i in range(len(prompts))]
+        mine = [i for i in range(len(prompts)) if i % state.num_processes == state.process_index]
+        todo = [i for i in mine if not (folder / names[i]).exists()]
+        if todo:
+            pipe = load_pipeline(cfg.model, tuner, device, dtype, cfg.attention)
+            pipe.scheduler = make_scheduler(cfg.scheduler, pipe.scheduler.config)
+            label = tuner_folder_name(tuner) if tuner else "base"
+            for start in tqdm(range(0, len(todo), cfg.batch_size), desc=f"sample {label}", unit="batch",
+                              disable=not state.is_main_process):
+                chunk = todo[start : start + cfg.batch_size]
+                with torch.no_grad():
+                    images = pipe(
+                        [prompts[i] for i in chunk], negative_prompt=[cfg.negative_prompt] * len(chunk) if cfg.negative_prompt else None,
+                        num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, height=cfg.resolution, width=cfg.resolution,
+                        generator=[torch.Generator(device).manual_seed(cfg.seed + i) for i in chunk],
+                    ).images
+                for i, image in zip(chunk, images):
+                    tmp = folder / f".{names[i]}.tmp.png"
+                    image.save(tmp)
+                    os.replace(tmp, folder / names[i])
+            del pipe
+        state.wait_for_everyone()
+        if state.is_main_process:
+            records = [{"file": names[i], "prompt": p, "seed": cfg.seed + i, **{k: settings[k] for k in
+                        ("steps", "guidance", "scheduler", "resolution", "negative_prompt")}, "tuner": tuner}
+                       for i, p in enumerate(prompts)]
+            (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            contact_sheet([folder / n for n in names], folder / "grid.png")
+        results[tuner or "base"] = {"folder": str(folder), "num_images": len(prompts)}
+    state.wait_for_everyone()
+    return results
