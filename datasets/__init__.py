@@ -1,0 +1,10 @@
+"""Training data sources for restune-sd: COCO2017 captions, fine-grained class sets, class folders and captioned
+folders, each read from its distributor's layout and named by a `PREFIX:ROOT` spec."""
+
+from restune_sd.datasets.build import LAYOUTS, build_dataset
+from restune_sd.datasets.caption_dataset import CaptionDataset
+from restune_sd.datasets.coco import coco_val_items
+from restune_sd.datasets.synthetic import make_synthetic
+from restune_sd.datasets.transforms import resize_center_crop
+
+__all__ = ["LAYOUTS", "CaptionDataset", "build_dataset", "coco_val_items", "make_synthetic", "resize_center_crop"]

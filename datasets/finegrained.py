@@ -1,0 +1,164 @@
+"""Readers for the fine-grained sets in their distributors' layouts (CUB, Flowers-102, Stanford Cars, FGVC-Aircraft,
+Food-101) and for generic class folders; each returns (image path, clean class name) pairs for one split."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from restune_sd.datasets.checks import (
+    descend, load_mat, read_lines, read_pairs, require_folder, require_images, require_root,
+)
+from restune_sd.datasets.flower_names import FLOWER_NAMES
+from restune_sd.errors import UserError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+CUB_FIX = "extract CUB_200_2011.tgz and pass the CUB_200_2011 folder (or its parent)"
+FLOWERS_FIX = "put 102flowers.tgz's jpg/ folder, imagelabels.mat and setid.mat from the Oxford VGG site in ROOT"
+CARS_FIX = "extract car_devkit.tgz, cars_train.tgz and cars_test.tgz from the Stanford Cars site into ROOT"
+CARS_TEST_FIX = "download cars_test_annos_withlabels.mat (shipped separately) into ROOT or ROOT/devkit"
+AIRCRAFT_FIX = "extract fgvc-aircraft-2013b.tar.gz and pass the fgvc-aircraft-2013b folder (or its parent)"
+FOOD_FIX = "extract food-101.tar.gz and pass the food-101 folder (or its parent)"
+
+
+def clean_class_name(raw: str) -> str:
+    """'001.Black_footed_Albatross' -> 'Black footed Albatross'; aircraft variants such as '707-320' are kept."""
+    name = re.sub(r"^\d+\.\s*", "", raw.strip()).replace("_", " ")
+    return " ".join(name.split())
+
+
+def read_cub(root, split: str) -> list[tuple[Path, str]]:
+    """CUB-200-2011; train_test_split.txt marks training images with 1."""
+    root = descend(require_root(root, "cub", "CUB_200_2011's images.txt and images/"), "images.txt", "CUB_200_2011")
+    listing = root / "images.txt"
+    files = read_pairs(listing, "cub", CUB_FIX)
+    labels = {key: value for _, key, value in read_pairs(root / "image_class_labels.txt", "cub", CUB_FIX)}
+    is_train = {key: value for _, key, value in read_pairs(root / "train_test_split.txt", "cub", CUB_FIX)}
+    classes = {key: clean_class_name(value) for _, key, value in read_pairs(root / "classes.txt", "cub", CUB_FIX)}
+    images = require_folder(root / "images", "cub", CUB_FIX)
+    wanted = "1" if split == "train" else "0"
+    items = []
+    for number, image_id, relative in files:
+        if image_id not in labels or image_id not in is_train:
+            raise UserError(f"cub: image {image_id} ({listing} line {number}) has no entry in image_class_labels.txt "
+                            f"or train_test_split.txt: {CUB_FIX}")
+        if labels[image_id] not in classes:
+            raise UserError(f"cub: image {image_id} has class {labels[image_id]}, which classes.txt lacks: {CUB_FIX}")
+        if is_train[image_id] == wanted:
+            items.append((images / relative, classes[labels[image_id]]))
+    require_images([path for path, _ in items], "cub", CUB_FIX)
+    return items
+
+
+def integer_vector(value, path: Path, key: str, prefix: str, fix: str) -> list[int]:
+    vector = np.atleast_1d(np.asarray(value))
+    if vector.ndim != 1 or vector.dtype.kind not in "iuf" or not np.all(vector == np.round(vector)):
+        raise UserError(f"{prefix}: {key} in {path} is not a vector of integers: {fix}")
+    return [int(v) for v in vector]
+
+
+def read_flowers102(root, split: str) -> list[tuple[Path, str]]:
+    """Oxford Flowers-102; train is setid's trnid + valid (2,040 images), test is tstid (6,149 images)."""
+    root = descend(require_root(root, "flowers102", "jpg/, imagelabels.mat and setid.mat"), "imagelabels.mat",
+                   "flowers-102")
+    labels_path, setid_path = root / "imagelabels.mat", root / "setid.mat"
+    labels = integer_vector(load_mat(labels_path, "flowers102", ("labels",), FLOWERS_FIX)["labels"], labels_path,
+                            "labels", "flowers102", FLOWERS_FIX)
+    setid = load_mat(setid_path, "flowers102", ("trnid", "valid", "tstid"), FLOWERS_FIX)
+    keys = ("trnid", "valid") if split == "train" else ("tstid",)
+    ids = [i for key in keys for i in integer_vector(setid[key], setid_path, key, "flowers102", FLOWERS_FIX)]
+    if any(not 1 <= i <= len(labels) for i in ids):
+        raise UserError(f"flowers102: {setid_path} lists image ids outside 1..{len(labels)}, the images labelled in "
+                        f"{labels_path}: {FLOWERS_FIX}")
+    if any(not 1 <= label <= len(FLOWER_NAMES) for label in labels):
+        raise UserError(f"flowers102: {labels_path} has labels outside 1..102: {FLOWERS_FIX}")
+    images = require_folder(root / "jpg", "flowers102", FLOWERS_FIX)
+    items = [(images / f"image_{i:05d}.jpg", FLOWER_NAMES[labels[i - 1] - 1]) for i in ids]
+    require_images([path for path, _ in items], "flowers102", FLOWERS_FIX)
+    return items
+
+
+def read_cars(root, split: str) -> list[tuple[Path, str]]:
+    """Stanford Cars in the original devkit layout; the test labels come from cars_test_annos_withlabels.mat."""
+    root = require_root(root, "cars", "devkit/, cars_train/ and cars_test/")
+    meta_path = root / "devkit" / "cars_meta.mat"
+    names = [str(name) for name in np.atleast_1d(load_mat(meta_path, "cars", ("class_names",), CARS_FIX)["class_names"])]
+    if split == "train":
+        annotations_path, fix = root / "devkit" / "cars_train_annos.mat", CARS_FIX
+    else:
+        candidates = [root / "cars_test_annos_withlabels.mat", root / "devkit" / "cars_test_annos_withlabels.mat"]
+        annotations_path, fix = next((p for p in candidates if p.is_file()), candidates[0]), CARS_TEST_FIX
+    annotations = np.atleast_1d(load_mat(annotations_path, "cars", ("annotations",), fix)["annotations"])
+    if annotations.dtype.names is None or not {"fname", "class"} <= set(annotations.dtype.names):
+        raise UserError(f"cars: {annotations_path} has no annotations struct with fname and class fields: {fix}")
+    images = require_folder(root / f"cars_{split}", "cars", CARS_FIX)
+    items = []
+    for record in annotations:
+        label = int(record["class"])
+        if not 1 <= label <= len(names):
+            raise UserError(f"cars: {annotations_path} gives {record['fname']} class {label}, but {meta_path} names "
+                            f"only {len(names)} classes: {CARS_FIX}")
+        items.append((images / str(record["fname"]), clean_class_name(names[label - 1])))
+    require_images([path for path, _ in items], "cars", CARS_FIX)
+    return items
+
+
+def read_aircraft(root, split: str) -> list[tuple[Path, str]]:
+    """FGVC-Aircraft 2013b at the variant level; `split` names the listing: trainval or test."""
+    root = descend(require_root(root, "aircraft", "fgvc-aircraft-2013b's data/ folder"), "data", "fgvc-aircraft-2013b")
+    data = require_folder(root / "data", "aircraft", AIRCRAFT_FIX)
+    variants = {line for _, line in read_lines(data / "variants.txt", "aircraft", AIRCRAFT_FIX)}
+    listing = data / f"images_variant_{split}.txt"
+    images = require_folder(data / "images", "aircraft", AIRCRAFT_FIX)
+    items = []
+    for number, image_id, variant in read_pairs(listing, "aircraft", AIRCRAFT_FIX):
+        if variant not in variants:
+            raise UserError(f"aircraft: {listing} line {number} names variant {variant!r}, which variants.txt lacks: "
+                            f"{AIRCRAFT_FIX}")
+        items.append((images / f"{image_id}.jpg", clean_class_name(variant)))
+    require_images([path for path, _ in items], "aircraft", AIRCRAFT_FIX)
+    return items
+
+
+def read_food101(root, split: str) -> list[tuple[Path, str]]:
+    """Food-101; class names come from meta/labels.txt ('Apple pie') when present, else from meta/classes.txt."""
+    root = descend(require_root(root, "food101", "food-101's images/ and meta/"), "meta", "food-101")
+    meta = root / "meta"
+    classes = [line for _, line in read_lines(meta / "classes.txt", "food101", FOOD_FIX)]
+    names = [clean_class_name(c) for c in classes]
+    if (meta / "labels.txt").is_file():
+        labels = [line for _, line in read_lines(meta / "labels.txt", "food101", FOOD_FIX)]
+        if len(labels) != len(classes):
+            raise UserError(f"food101: {meta / 'labels.txt'} has {len(labels)} names for the {len(classes)} classes "
+                            f"of classes.txt: {FOOD_FIX}")
+        names = labels
+    name_of = dict(zip(classes, names))
+    listing = meta / f"{split}.txt"
+    images = require_folder(root / "images", "food101", FOOD_FIX)
+    items = []
+    for number, entry in read_lines(listing, "food101", FOOD_FIX):
+        folder = entry.partition("/")[0]
+        if folder not in name_of:
+            raise UserError(f"food101: {listing} line {number} names class {folder!r}, which classes.txt lacks: "
+                            f"{FOOD_FIX}")
+        items.append((images / f"{entry}.jpg", name_of[folder]))
+    require_images([path for path, _ in items], "food101", FOOD_FIX)
+    return items
+
+
+def read_class_folders(root, split: str) -> list[tuple[Path, str]]:
+    """One sub-folder per class, named after it ('red_fox' -> 'red fox'); hidden files and folders are ignored."""
+    root = require_root(root, "classfolder", "one sub-folder of images per class")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise UserError(f"classfolder: {root} has no class sub-folders: put each class's images in ROOT/<class name>/ "
+                        "(for captioned images use folder: with a metadata.jsonl)")
+    items = []
+    for folder in folders:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        if not files:
+            raise UserError(f"classfolder: class folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}): "
+                            "add images or remove the folder")
+        items += [(path, clean_class_name(folder.name)) for path in files]
+    return items
