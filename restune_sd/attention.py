@@ -133,7 +133,7 @@ def _guard_hook(model, args) -> None:
     guard_processors(model)
 
 
-def guard_processors(model) -> int:
+def guard_processors(model, quiet: bool = False) -> int:
     """Put back every tuner processor that diffusers replaced; returns how many were restored."""
     restored = 0
     modules = dict(model.named_modules())
@@ -141,8 +141,9 @@ def guard_processors(model) -> int:
         attn = modules[name]
         if attn.processor is not processor:
             processor.backend = "xformers" if "XFormers" in type(attn.processor).__name__ else "sdpa"
-            logger.warning("restune: %s lost its tuner processor to %s; restored it (backend %s)",
-                           name, type(attn.processor).__name__, processor.backend)
+            if not quiet:
+                logger.warning("restune: %s lost its tuner processor to %s; restored it (backend %s)",
+                               name, type(attn.processor).__name__, processor.backend)
             attn.set_processor(processor)
             restored += 1
     return restored
@@ -157,7 +158,7 @@ def set_attention_backend(model, backend: str = "auto") -> str:
         model.enable_xformers_memory_efficient_attention()
     else:
         model.set_attn_processor(AttnProcessor2_0())
-    guard_processors(model)
+    guard_processors(model, quiet=True)  # replaced on purpose just above
     for processor in _installed(model).values():
         processor.backend = backend
     return backend

@@ -51,6 +51,26 @@ def model_kind(path) -> str:
     raise UserError(f"{path} is not a diffusers Stable Diffusion pipeline (no model_index.json) nor a UNet or ViT folder")
 
 
+def pipeline_resolution(model: str) -> int | None:
+    """A local pipeline's own image size (UNet sample size x VAE scale), read from its configs; None if not local."""
+    path = Path(model)
+    try:
+        unet = json.loads((path / "unet" / "config.json").read_text())
+        vae = json.loads((path / "vae" / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def quiet_loading() -> None:
+    """No per-component 'Loading weights' bars: a run's own progress bar is the one to read."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+
 def load_unet(model: str, device: str = "cpu", dtype=torch.float32):
     """The UNet of a pipeline folder, a bare UNet folder, `sd15` (random weights) or a hub id."""
     from diffusers import UNet2DConditionModel

@@ -90,8 +90,9 @@ def load_pipeline(model: str, tuner: str | None, device, dtype, attention: str):
 
     from restune_sd.attention import set_attention_backend
     from restune_sd.io import load_tuner
-    from restune_sd.models import model_kind
+    from restune_sd.models import model_kind, quiet_loading
 
+    quiet_loading()
     if Path(model).exists():
         model_kind(model)
     try:
@@ -132,7 +133,7 @@ def sample(cfg: SampleConfig) -> dict:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # several launched CPU processes join over gloo
     device = state.device
     dtype = torch.float16 if cfg.fp16 and device.type == "cuda" else torch.float32
     out = Path(cfg.out)

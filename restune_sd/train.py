@@ -323,10 +323,13 @@ def train(cfg: TrainConfig) -> dict:
     from restune_sd.evaluation.plots import loss_curve_png
     from restune_sd.inject import attach
     from restune_sd.io import save_tuner
+    from restune_sd.models import pipeline_resolution, quiet_loading
     from restune_sd.summary import parameter_summary
 
     tuning = resolve_tuner(cfg.tuner, "unet")
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation)
+    # cpu=True without CUDA: that is what makes accelerate join several launched processes over gloo.
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation,
+                              cpu=not torch.cuda.is_available())
     device = accelerator.device
     if cfg.mixed_precision == "fp16" and device.type != "cuda":
         raise UserError("--mixed-precision fp16 needs a CUDA GPU: use no or bf16 on CPU")
@@ -338,16 +341,24 @@ def train(cfg: TrainConfig) -> dict:
     if accelerator.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
 
+    def data(resolution):
+        return build_dataset(cfg.data, split=cfg.split, resolution=resolution, center_crop=cfg.center_crop,
+                             random_flip=cfg.random_flip, caption_template=cfg.caption_template, seed=cfg.seed)
+
+    # The data is checked before any model is loaded: a bad root fails in a second, not after minutes.
+    resolution = cfg.resolution or pipeline_resolution(cfg.model)
+    dataset = data(resolution) if resolution else None
+    quiet_loading()
     comps = load_components(cfg.model, device, weight_dtype)
     if cfg.prediction_type:
         comps.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
     vae_scale = 2 ** (len(comps.vae.config.block_out_channels) - 1)
-    cfg = dataclasses.replace(cfg, resolution=cfg.resolution or comps.unet.config.sample_size * vae_scale)
-    dataset = build_dataset(cfg.data, split=cfg.split, resolution=cfg.resolution, center_crop=cfg.center_crop,
-                            random_flip=cfg.random_flip, caption_template=cfg.caption_template, seed=cfg.seed)
+    cfg = dataclasses.replace(cfg, resolution=resolution or comps.unet.config.sample_size * vae_scale)
+    dataset = dataset or data(cfg.resolution)
 
+    torch.manual_seed(cfg.seed)  # the tuners' random initialisation
     unet = attach(comps.unet, tuning)
-    if not tuning.full:
+    if not tuning.full and weight_dtype != torch.float32:
         unet.to(dtype=weight_dtype)
         for name, p in unet.named_parameters():  # trainable parameters stay fp32 under fp16/bf16 autocast
             if p.requires_grad:

@@ -1,0 +1,188 @@
+"""`restune-sd train` on the tiny model and tiny generated data sets: every tuner, every layout, resume,
+two processes, and each bad input's one-line message."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import restune_sd.train as training
+from restune_sd.cli.main import app
+from restune_sd.datasets import build_dataset, make_synthetic
+from restune_sd.tiny import write_tiny_sd
+from restune_sd.train import Encoders, SampleStream, TrainConfig, diffusion_loss, load_components, train
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(write_tiny_sd(tmp_path_factory.mktemp("model") / "tiny-sd"))
+
+
+@pytest.fixture(scope="module")
+def folder_data(tmp_path_factory):
+    return f"folder:{make_synthetic('folder', tmp_path_factory.mktemp('data') / 'folder', num_classes=2, images_per_class=4)}"
+
+
+def config(tiny, data, output, **overrides):
+    return TrainConfig(model=tiny, data=data, tuner=overrides.pop("tuner", "res-tuning"), output=str(output),
+                       **{"max_steps": 2, "batch_size": 2, "learning_rate": 1e-3, **overrides})
+
+
+@pytest.fixture
+def spy_components(monkeypatch):
+    """Keeps the components train() loaded, so a test can inspect the frozen UNet afterwards."""
+    seen = []
+
+    def spying(*args, **kwargs):
+        seen.append(load_components_original(*args, **kwargs))
+        return seen[-1]
+
+    load_components_original = training.load_components
+    monkeypatch.setattr(training, "load_components", spying)
+    return seen
+
+
+@pytest.mark.parametrize("tuner", ["res-tuning", "bypass", "adapter", "prefix", "prompt", "lora", "full"])
+def test_every_tuner_trains_and_frozen_weights_stay_bit_identical(tiny, folder_data, tmp_path, tuner, spy_components):
+    results = train(config(tiny, folder_data, tmp_path / "run", tuner=tuner))
+    assert results["steps"] == 2 and results["tuner_params"] > 0
+    run = tmp_path / "run"
+    for name in ("config.json", "metrics.jsonl", "loss.png", "results.json", "tuner/tuner_config.json", "tuner/tuner.safetensors"):
+        assert (run / name).is_file(), name
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert set(metrics[0]) == {"step", "loss", "lr", "seconds_per_step", "peak_memory_mb"}
+
+    original = load_file(str(Path(tiny) / "unet" / "diffusion_pytorch_model.safetensors"))
+    unet = spy_components[-1].unet
+    trained = set(unet.restune.param_names)
+    params = dict(unet.named_parameters())
+    frozen = [n for n in params if n not in trained and "lora_" not in n]
+    changed = [n for n in frozen if not torch.equal(params[n].detach(), original[n.replace(".base_layer", "")])]
+    assert changed == []
+    if tuner == "full":
+        assert any(not torch.equal(params[n].detach(), original[n]) for n in trained)
+
+
+@pytest.mark.parametrize("layout", ["coco", "cub", "flowers102", "cars", "aircraft", "food101", "classfolder", "folder"])
+def test_each_data_layout_trains(tiny, tmp_path, layout):
+    root = make_synthetic(layout, tmp_path / layout, num_classes=2, images_per_class=2)
+    results = train(config(tiny, f"{layout}:{root}", tmp_path / "run", max_steps=1))
+    assert results["steps"] == 1 and results["final_loss"] > 0
+
+
+def fixed_draw_loss(tiny, data, tuner=None) -> float:
+    """The loss on 8 images x 4 fixed noise/timestep draws: the same numbers before and after training."""
+    from restune_sd.io import load_tuner
+
+    comps = load_components(tiny, torch.device("cpu"), torch.float32)
+    if tuner:
+        load_tuner(comps.unet, tuner)
+    stream = SampleStream(build_dataset(data, resolution=64), seed=0)
+    batch = torch.utils.data.default_collate([stream[p] for p in range(8)])
+    cfg = config(tiny, data, "unused")
+    with torch.no_grad():
+        return sum(diffusion_loss(comps.unet, Encoders(comps, torch.float32, False), batch, cfg, 10_000 + k, "cpu").item()
+                   for k in range(4)) / 4
+
+
+def test_overfitting_a_tiny_set_lowers_the_loss(tiny, folder_data, tmp_path):
+    train(config(tiny, folder_data, tmp_path / "run", max_steps=40, batch_size=4, learning_rate=3e-3))
+    before, after = fixed_draw_loss(tiny, folder_data), fixed_draw_loss(tiny, folder_data, tmp_path / "run")
+    assert after < 0.9 * before, (before, after)
+
+
+def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tiny, folder_data, tmp_path):
+    settings = dict(max_steps=6, lr_scheduler="cosine", warmup_steps=2, checkpoint_every=3, keep_checkpoints=5)
+    train(config(tiny, folder_data, tmp_path / "straight", **settings))
+
+    interrupted = tmp_path / "interrupted"
+    train(config(tiny, folder_data, interrupted, **settings))
+    # A run killed just after its step-3 checkpoint: everything later is gone.
+    (interrupted / "checkpoints" / "step-00000006.pt").unlink()
+    for name in ("tuner", "results.json"):
+        shutil.rmtree(interrupted / name) if (interrupted / name).is_dir() else (interrupted / name).unlink()
+    train(config(tiny, folder_data, interrupted, resume="latest", **settings))
+
+    a = load_file(str(tmp_path / "straight" / "tuner" / "tuner.safetensors"))
+    b = load_file(str(interrupted / "tuner" / "tuner.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoints_keep_the_last_k(tiny, folder_data, tmp_path):
+    train(config(tiny, folder_data, tmp_path / "run", max_steps=5, checkpoint_every=1, keep_checkpoints=2))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000004.pt", "step-00000005.pt"]
+
+
+def test_two_processes_match_one_process_with_the_combined_batch(tiny, folder_data, tmp_path):
+    cli = str(Path(sys.executable).with_name("restune-sd"))
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    args = ["train", "--model", tiny, "--data", folder_data, "--tuner", "res-tuning", "--max-steps", "3", "--learning-rate", "1e-3"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", cli, *args, "--output", str(tmp_path / "two"), "--batch-size", "2"]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["num_processes"] == 2
+    train(config(tiny, folder_data, tmp_path / "one", max_steps=3, batch_size=4))
+    a = load_file(str(tmp_path / "two" / "tuner" / "tuner.safetensors"))
+    b = load_file(str(tmp_path / "one" / "tuner" / "tuner.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
+
+
+def test_a_loss_that_explodes_stops_the_run_and_keeps_the_checkpoint(tiny, folder_data, tmp_path):
+    result = runner.invoke(app, ["train", "--model", tiny, "--data", folder_data, "--output", str(tmp_path / "run"),
+                                 "--tuner", "full", "--learning-rate", "1e12", "--max-grad-norm", "0", "--max-steps", "20",
+                                 "--checkpoint-every", "1", "--keep-checkpoints", "1"])
+    assert result.exit_code == 2, result.output
+    assert "loss became" in result.stderr and "step-" in result.stderr
+    assert not (tmp_path / "run" / "tuner").exists()
+    assert len(list((tmp_path / "run" / "checkpoints").glob("step-*.pt"))) == 1
+
+
+def one_error_line(args) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, lines
+    return lines[0]
+
+
+def test_bad_inputs_get_one_line_each(tiny, folder_data, tmp_path):
+    base = ["train", "--model", tiny, "--max-steps", "1"]
+    coco = make_synthetic("coco", tmp_path / "coco", num_classes=1, images_per_class=2)
+    (coco / "annotations" / "captions_train2017.json").write_text(json.dumps({"images": "not a list"}))
+    classes = make_synthetic("classfolder", tmp_path / "classes", num_classes=2, images_per_class=2)
+    (classes / "empty_class").mkdir()
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "results.json").write_text("{}")
+
+    assert "does not exist" in one_error_line([*base, "--data", f"folder:{tmp_path / 'nowhere'}", "--output", str(tmp_path / "a")])
+    assert "captions_train2017.json" in one_error_line([*base, "--data", f"coco:{coco}", "--output", str(tmp_path / "b")])
+    assert "empty_class" in one_error_line([*base, "--data", f"classfolder:{classes}", "--output", str(tmp_path / "c")])
+    assert "unknown tuner 'magic'" in one_error_line([*base, "--data", folder_data, "--tuner", "magic", "--output", str(tmp_path / "d")])
+    assert "already holds files" in one_error_line([*base, "--data", folder_data, "--output", str(taken)])
+    assert (taken / "results.json").read_text() == "{}" and len(list(taken.iterdir())) == 1
+    model_args = ["train", "--model", str(classes), "--data", folder_data, "--output", str(tmp_path / "e")]
+    assert "not a diffusers Stable Diffusion pipeline" in one_error_line(model_args)
+    assert "holds no checkpoint" in one_error_line([*base, "--data", folder_data, "--output", str(tmp_path / "f"), "--resume", "latest"])
+
+
+def test_corrupt_images_are_skipped_and_counted(tiny, tmp_path):
+    root = make_synthetic("folder", tmp_path / "data", num_classes=2, images_per_class=3, corrupt=2)
+    result = runner.invoke(app, ["train", "--model", tiny, "--data", f"folder:{root}", "--output", str(tmp_path / "run"),
+                                 "--max-steps", "3", "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    assert "skipped 2 corrupt images" in result.output + result.stderr
