@@ -82,9 +82,9 @@ def load_unet(model: str, device: str = "cpu", dtype=torch.float32):
         subfolder = "unet" if model_kind(path) == "sd" else None
         if model_kind(path) == "vit":
             raise UserError(f"{path} is a ViT classifier, not a Stable Diffusion model")
-        return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype).to(device)
+        return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, dtype=dtype).to(device)
     try:
-        return UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype).to(device)
+        return UNet2DConditionModel.from_pretrained(model, subfolder="unet", dtype=dtype).to(device)
     except Exception as error:
         raise UserError(f"cannot load a UNet from {model!r} (not a local folder; hub: {str(error).splitlines()[0]})") from None
 

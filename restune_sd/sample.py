@@ -96,7 +96,7 @@ def load_pipeline(model: str, tuner: str | None, device, dtype, attention: str):
     if Path(model).exists():
         model_kind(model)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None, requires_safety_checker=False)
     except OSError as error:
         raise UserError(f"cannot load a Stable Diffusion pipeline from {model!r}: {str(error).splitlines()[0]}") from None
     if tuner:

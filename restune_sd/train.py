@@ -145,8 +145,8 @@ def load_components(model: str, device, dtype) -> Components:
     try:
         return Components(
             tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"),
-            text_encoder=CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype).to(device),
-            vae=AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype).to(device),
+            text_encoder=CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype).to(device),
+            vae=AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=dtype).to(device),
             unet=UNet2DConditionModel.from_pretrained(model, subfolder="unet").to(device),
             noise_scheduler=DDPMScheduler.from_pretrained(model, subfolder="scheduler"),
         )

@@ -1,0 +1,136 @@
+"""`restune-sd sample`: determinism, equality with a stock pipeline + load_tuner, resume, several tuners."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import perturb
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from PIL import Image
+from typer.testing import CliRunner
+
+import restune_sd
+from restune_sd.cli.main import app
+from restune_sd.tiny import write_tiny_sd
+
+runner = CliRunner()
+STEPS = ["--steps", "4", "--guidance", "5"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(write_tiny_sd(tmp_path_factory.mktemp("model") / "tiny-sd"))
+
+
+def saved_tuner(tiny, folder, name, seed):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny, safety_checker=None)
+    restune_sd.attach(pipe, restune_sd.preset(name, "unet"))
+    perturb(pipe.unet, seed=seed, std=0.2)  # a tuner that changes the images, as a trained one would
+    return str(restune_sd.save_tuner(pipe, folder))
+
+
+@pytest.fixture(scope="module")
+def tuners(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tuners")
+    return {name: saved_tuner(tiny, root / name, name, seed) for seed, name in enumerate(["res-tuning", "bypass"])}
+
+
+def pixels(path):
+    return np.asarray(Image.open(path))
+
+
+def invoke(*args):
+    result = runner.invoke(app, ["sample", *args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_one_image_equals_a_stock_pipeline_with_load_tuner(tiny, tuners, tmp_path):
+    invoke("--model", tiny, "--tuner", tuners["res-tuning"], "--out", str(tmp_path / "out"), "--prompt", "a photo of a dog",
+           "--seed", "42", *STEPS)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny, safety_checker=None)
+    restune_sd.load_tuner(pipe, tuners["res-tuning"])
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    stock = pipe("a photo of a dog", num_inference_steps=4, guidance_scale=5,
+                 generator=torch.Generator("cpu").manual_seed(42)).images[0]
+    assert np.array_equal(pixels(tmp_path / "out" / "00000.png"), np.asarray(stock))
+    assert stock.size == (64, 64)  # the model's own resolution by default
+
+    plain = StableDiffusionPipeline.from_pretrained(tiny, safety_checker=None)
+    plain.scheduler = DDIMScheduler.from_config(plain.scheduler.config)
+    base = plain("a photo of a dog", num_inference_steps=4, guidance_scale=5, generator=torch.Generator("cpu").manual_seed(42)).images[0]
+    assert not np.array_equal(np.asarray(base), np.asarray(stock))  # the tuner does change the image
+
+
+def test_same_seed_same_images_and_batching_changes_only_rounding(tiny, tmp_path):
+    prompts = ["a red square", "a blue circle", "a green dog"]
+    args = ["--model", tiny, *sum((["--prompt", p] for p in prompts), []), *STEPS, "--seed", "7"]
+    invoke(*args, "--out", str(tmp_path / "a"), "--batch-size", "1")
+    invoke(*args, "--out", str(tmp_path / "again"), "--batch-size", "1")
+    invoke(*args, "--out", str(tmp_path / "b"), "--batch-size", "2")
+    for i in range(3):
+        a = pixels(tmp_path / "a" / f"{i:05d}.png").astype(int)
+        assert np.array_equal(a, pixels(tmp_path / "again" / f"{i:05d}.png"))
+        # Each image has its own generator; batched kernels differ from single ones only in float rounding.
+        assert np.abs(a - pixels(tmp_path / "b" / f"{i:05d}.png")).max() <= 2
+    records = [json.loads(line) for line in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["prompt"], r["seed"]) for r in records] == [(f"{i:05d}.png", p, 7 + i) for i, p in enumerate(prompts)]
+    assert (tmp_path / "a" / "grid.png").is_file()
+
+
+def test_an_interrupted_job_picks_up_where_it_stopped(tiny, tmp_path, monkeypatch):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("one cat\ntwo cats\nthree cats\nfour cats\n")
+    args = ["--model", tiny, "--prompts-file", str(prompts_file), *STEPS]
+    invoke(*args, "--out", str(tmp_path / "straight"))
+
+    calls = {"n": 0}
+    original = StableDiffusionPipeline.__call__
+
+    def dies_on_third_call(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", dies_on_third_call)
+    result = runner.invoke(app, ["sample", *args, "--out", str(tmp_path / "resumed")])
+    assert result.exit_code != 0
+    done = sorted(p.name for p in (tmp_path / "resumed").glob("*.png"))
+    assert done == ["00000.png", "00001.png"]
+    first_written = (tmp_path / "resumed" / "00000.png").stat().st_mtime_ns
+
+    calls["n"] = -100
+    invoke(*args, "--out", str(tmp_path / "resumed"))
+    assert calls["n"] == -98  # only the two missing images were generated
+    assert (tmp_path / "resumed" / "00000.png").stat().st_mtime_ns == first_written
+    for i in range(4):
+        assert np.array_equal(pixels(tmp_path / "straight" / f"{i:05d}.png"), pixels(tmp_path / "resumed" / f"{i:05d}.png"))
+
+
+def test_several_tuners_sample_into_their_own_folders(tiny, tuners, tmp_path):
+    invoke("--model", tiny, "--tuner", tuners["res-tuning"], "--tuner", tuners["bypass"], "--out", str(tmp_path / "out"),
+           "--prompt", "a bird", *STEPS)
+    a, b = pixels(tmp_path / "out" / "res-tuning" / "00000.png"), pixels(tmp_path / "out" / "bypass" / "00000.png")
+    assert not np.array_equal(a, b)
+    single = tmp_path / "single"
+    invoke("--model", tiny, "--tuner", tuners["bypass"], "--out", str(single), "--prompt", "a bird", *STEPS)
+    assert np.array_equal(b, pixels(single / "00000.png"))
+
+
+def test_bad_sampling_input_is_one_line(tiny, tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.png").write_bytes(b"x")
+    cases = [
+        (["--model", tiny, "--out", str(taken), "--prompt", "x"], "already holds files"),
+        (["--model", tiny, "--out", str(tmp_path / "a")], "give prompts one way"),
+        (["--model", tiny, "--out", str(tmp_path / "b"), "--prompt", "x", "--scheduler", "magic"], "unknown --scheduler"),
+        (["--model", tiny, "--out", str(tmp_path / "c"), "--prompt", "x", "--tuner", str(tmp_path)], "not a tuner folder"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, ["sample", *args])
+        assert result.exit_code == 2, result.output
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert (taken / "keep.png").read_bytes() == b"x"
