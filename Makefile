@@ -19,7 +19,7 @@ test: venv
 	$(PY) -m pytest -q
 
 demo: venv
-	$(VENV)/bin/restune-sd demo --out demo-out
+	$(PY) -m restune_sd.demo --out demo-out
 
 clean:
 	rm -rf $(VENV) demo-out

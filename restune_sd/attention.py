@@ -122,11 +122,11 @@ def install_processor(model, name: str, attn) -> ResTuningAttnProcessor:
     processors = _installed(model)
     if name not in processors:
         backend = "xformers" if "XFormers" in type(attn.processor).__name__ else "sdpa"
-        processors[name] = ResTuningAttnProcessor(backend)
-        attn.set_processor(processors[name])
+        processors[name] = (attn, ResTuningAttnProcessor(backend))
+        attn.set_processor(processors[name][1])
         if not getattr(model, "_restune_guard", None):
             model._restune_guard = model.register_forward_pre_hook(_guard_hook)
-    return processors[name]
+    return processors[name][1]
 
 
 def _guard_hook(model, args) -> None:
@@ -136,9 +136,7 @@ def _guard_hook(model, args) -> None:
 def guard_processors(model, quiet: bool = False) -> int:
     """Put back every tuner processor that diffusers replaced; returns how many were restored."""
     restored = 0
-    modules = dict(model.named_modules())
-    for name, processor in _installed(model).items():
-        attn = modules[name]
+    for name, (attn, processor) in _installed(model).items():
         if attn.processor is not processor:
             processor.backend = "xformers" if "XFormers" in type(attn.processor).__name__ else "sdpa"
             if not quiet:
@@ -159,6 +157,6 @@ def set_attention_backend(model, backend: str = "auto") -> str:
     else:
         model.set_attn_processor(AttnProcessor2_0())
     guard_processors(model, quiet=True)  # replaced on purpose just above
-    for processor in _installed(model).values():
+    for _, processor in _installed(model).values():
         processor.backend = backend
     return backend

@@ -142,7 +142,7 @@ def test_switching_attention_backends_never_drops_a_tuner():
     inputs = unet_inputs()
     with torch.no_grad():
         expected = run(tuned, inputs)
-    processors = dict(tuned._restune_processors)
+    processors = {name: processor for name, (_, processor) in tuned._restune_processors.items()}
 
     tuned.set_attn_processor(AttnProcessor2_0())  # what diffusers' SDPA switch does
     with torch.no_grad():

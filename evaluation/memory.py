@@ -1,0 +1,31 @@
+"""Activation memory a training forward keeps for backward, counted with autograd's saved-tensor hooks.
+
+On CPU this is the honest per-tuner figure (a process's peak RSS is shared by everything it ran); it is the
+memory Res-Tuning-Bypass saves by running the backbone without autograd.
+"""
+
+import torch
+
+
+def saved_activation_bytes(forward) -> int:
+    """Bytes of the distinct tensors autograd saves while `forward()` runs (shared storages counted once)."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return sum(storages.values())
+
+
+def unet_training_activation_mb(unet, batch: int, latent_size: int, text_tokens: int = 77) -> float:
+    """Saved activations of one denoising forward of `unet` (latent, timestep, text context of the UNet's widths)."""
+    device = next(unet.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(batch, unet.config.in_channels, latent_size, latent_size, generator=g).to(device)
+    context = torch.randn(batch, text_tokens, unet.config.cross_attention_dim, generator=g).to(device)
+    timesteps = torch.full((batch,), 500, device=device)
+    return saved_activation_bytes(lambda: unet(latents, timesteps, context).sample) / 2**20
