@@ -20,3 +20,5 @@ app.command("train")(train)
 app.command("sample")(sample)
 for _name, _what in PENDING.items():
     app.command(_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_pending(_name, _what))
+from restune_sd.cli.fid import fid
+app.command("fid")(fid)

@@ -1,0 +1,43 @@
+"""`restune-sd fid`: FID (and KID) of generated images against a folder, COCO2017 val or saved statistics."""
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from restune_sd.cli.common import user_errors
+
+
+@user_errors
+def fid(
+    generated: Annotated[Path, typer.Argument(help="folder of generated images (png/jpg/jpeg/webp, all one size)")],
+    reference: Annotated[str, typer.Argument(help="folder of reference images, coco:ROOT (the images of ROOT/val2017) or a .npz written by --save-stats")],
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    kid: Annotated[bool, typer.Option("--kid", help="also compute KID (100 subsets of min(1000, n) images)")] = False,
+    save_stats: Annotated[Path | None, typer.Option(help="write the reference's statistics to this new .npz, to reuse as REFERENCE (with --kid it keeps the features KID needs)")] = None,
+    inception_weights: Annotated[Path | None, typer.Option(help="local copy of pt_inception-2015-12-05-6726825d.pth (default: torch-fidelity downloads it)")] = None,
+    batch_size: Annotated[int, typer.Option(help="images per Inception batch")] = 50,
+    device: Annotated[str | None, typer.Option(help="torch device (default: cuda if available, else cpu)")] = None,
+    resolution: Annotated[int | None, typer.Option(help="size reference images are brought to (default: the generated images' size)")] = None,
+):
+    """FID of GENERATED against REFERENCE on torch-fidelity's Inception-v3 (2048-d pool features).
+
+    The protocol, to report with the figure (FID falls as the number of images grows):
+    - images: every image in GENERATED (all one size) against every reference image; both counts are printed.
+    - resolution: reference images are brought to --resolution, by default the generated images' size.
+    - resize: bicubic resize of the shorter side, then a centre crop; Inception resizes both sides to 299x299.
+    - COCO2017 val has 5,000 images, so FID against coco:ROOT is FID-5k unless captions repeat.
+    """
+    from restune_sd.evaluation.fid import compute_fid
+
+    result = compute_fid(generated, reference, kid=kid, inception_weights=inception_weights, device=device,
+                         batch_size=batch_size, save_stats=save_stats, resolution=resolution)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"FID {result['fid']:.4f}  ({result['num_generated']:,} generated vs {result['num_reference']:,} reference images)")
+    if kid:
+        typer.echo(f"KID {result['kid_mean']:.6f} ± {result['kid_std']:.6f}")
+    if save_stats is not None:
+        typer.echo(f"reference statistics saved to {save_stats}")

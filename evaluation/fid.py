@@ -1,0 +1,316 @@
+"""FID and KID of a folder of generated images against a reference (a folder, COCO2017 val or saved statistics),
+on torch-fidelity's Inception-v3 pool features, the ones published FIDs use."""
+
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from restune_sd.datasets.transforms import resize_center_crop
+from restune_sd.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+EXTRACTOR_NAME, FEATURE = "inception-v3-compat", "2048"
+FEATURE_DIM = 2048
+KID_SUBSET_SIZE = 1000
+
+
+@dataclass
+class Statistics:
+    """What FID needs from one image set; `features` ([n, 2048] float32) only when KID needs them too."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    num_images: int
+    features: np.ndarray | None = None
+
+    @classmethod
+    def from_features(cls, features: np.ndarray, keep_features: bool = False) -> "Statistics":
+        features64 = features.astype(np.float64)
+        return cls(mu=features64.mean(axis=0), sigma=np.cov(features64, rowvar=False), num_images=len(features),
+                   features=features if keep_features else None)
+
+
+def save_statistics(path, stats: Statistics) -> Path:
+    """Write `stats` to a new .npz file (an existing file is never overwritten)."""
+    path = new_statistics_path(path)
+    arrays = dict(mu=stats.mu, sigma=stats.sigma, num_images=np.int64(stats.num_images))
+    if stats.features is not None:
+        arrays["features"] = stats.features
+    try:
+        with open(path, "xb") as file:  # "x": refuse to overwrite, even a file that appeared since the check
+            np.savez(file, **arrays)
+    except FileExistsError:
+        raise _exists(path) from None
+    return path
+
+
+def new_statistics_path(path) -> Path:
+    """`path` if a statistics file may be written there: a .npz name that is not taken."""
+    path = Path(path)
+    if path.exists():
+        raise _exists(path)
+    if path.suffix != ".npz":
+        raise UserError(f"statistics file {path} must end in .npz; give a name like {path.with_suffix('.npz').name}")
+    return path
+
+
+def load_statistics(path) -> Statistics:
+    """Read a .npz file written by `save_statistics` (or `restune-sd fid --save-stats`)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read statistics file {path} ({_first_line(error)}); "
+                        "write one with `restune-sd fid ... --save-stats FILE.npz`") from None
+    missing = [key for key in ("mu", "sigma", "num_images") if key not in arrays]
+    if missing:
+        raise UserError(f"statistics file {path} lacks {', '.join(missing)}; "
+                        "write one with `restune-sd fid ... --save-stats FILE.npz`")
+    mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
+    if mu.shape != (FEATURE_DIM,) or sigma.shape != (FEATURE_DIM, FEATURE_DIM):
+        raise UserError(f"statistics file {path} holds {mu.shape[-1]}-d statistics, not Inception's {FEATURE_DIM}-d pool "
+                        "features; recompute them with `restune-sd fid ... --save-stats FILE.npz`")
+    return Statistics(mu=mu, sigma=sigma, num_images=int(arrays["num_images"]), features=arrays.get("features"))
+
+
+def frechet_distance(a: Statistics, b: Statistics) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 sqrt(S_a S_b)) in float64."""
+    # Tr sqrt(S_a S_b) = Tr sqrt(R S_b R) with R = sqrt(S_a): S_a S_b = R (R S_b) has the eigenvalues of (R S_b) R.
+    # Two symmetric eigendecompositions are exact for the singular covariances of small sets and ~10x faster on CPU
+    # than scipy's sqrtm of the non-symmetric product, which needs an eps offset when that product is singular.
+    root_a = _psd_sqrt(a.sigma)
+    tr_covmean = np.sqrt(_zero_round_off(np.linalg.eigvalsh(root_a @ b.sigma @ root_a))).sum()
+    diff = a.mu - b.mu
+    return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * tr_covmean)
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    values, basis = np.linalg.eigh(matrix)
+    return (basis * np.sqrt(_zero_round_off(values))) @ basis.T
+
+
+def _zero_round_off(values: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a PSD matrix with those under eigh's round-off floor (negative ones included) set to 0."""
+    floor = max(values.max(), 0.0) * len(values) * np.finfo(values.dtype).eps
+    return np.where(values > floor, values, 0.0)
+
+
+def kernel_distance(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """KID (mean, std) by torch-fidelity over 100 subsets of min(1000, n) images from each side."""
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
+    subset = min(KID_SUBSET_SIZE, len(a), len(b))
+    kid = kid_features_to_metric(torch.from_numpy(a), torch.from_numpy(b), kid_subset_size=subset, verbose=False)
+    return kid[KEY_METRIC_KID_MEAN], kid[KEY_METRIC_KID_STD]
+
+
+def compute_fid(generated, reference, *, kid: bool = False, inception_weights=None, device=None, batch_size: int = 50,
+                save_stats=None, resolution: int | None = None) -> dict:
+    """FID (and KID) of the images in folder `generated` against `reference`.
+
+    `reference` is a folder of images, `coco:ROOT` (every image of ROOT/val2017) or a .npz written by `save_stats`.
+    Reference images are brought to `resolution` x `resolution` (default: the generated images' side, the shorter
+    one if they are not square) by a bicubic resize of the shorter side and a centre crop; generated images are used as they are and must all share one size. Inception
+    resizes everything to 299x299 itself. `save_stats` writes the reference's statistics to a new .npz (with the
+    features when `kid` is set, so that the file can serve KID later).
+    """
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    if resolution is not None and resolution < 1:
+        raise UserError(f"--resolution must be a positive number of pixels, not {resolution}")
+    if save_stats is not None:
+        save_stats = new_statistics_path(save_stats)  # checked now, not after minutes of Inception
+    generated_paths = image_paths(generated, "generated")
+    sizes = image_sizes(generated_paths)
+    if len(sizes) > 1:
+        shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:5])
+        raise UserError(f"generated images in {generated} have mixed sizes ({shown}); generate them all at one size")
+    resolution = resolution or min(next(iter(sizes)))
+    reference_stats, reference_paths = resolve_reference(reference, kid)
+
+    extractor = inception(inception_weights, device)
+    generated_features = extract_features(extractor, generated_paths, batch_size, "generated")
+    generated_stats = Statistics.from_features(generated_features, keep_features=kid)
+    if reference_stats is None:
+        reference_features = extract_features(extractor, reference_paths, batch_size, "reference", resolution)
+        reference_stats = Statistics.from_features(reference_features, keep_features=kid)
+    if save_stats is not None:
+        save_statistics(save_stats, reference_stats)
+
+    result = {"fid": frechet_distance(generated_stats, reference_stats),
+              "num_generated": generated_stats.num_images, "num_reference": reference_stats.num_images}
+    if kid:
+        result["kid_mean"], result["kid_std"] = kernel_distance(generated_stats.features, reference_stats.features)
+    return result
+
+
+def resolve_reference(reference, kid: bool = False) -> tuple[Statistics | None, list[Path] | None]:
+    """Saved statistics, or the image paths of a folder or of coco:ROOT (all readable), for `reference`."""
+    if str(reference).startswith("coco:"):
+        root = Path(str(reference)[len("coco:"):])
+        if not (root / "val2017").is_dir():
+            raise UserError(f"COCO2017 root {root} has no val2017 folder; give coco:ROOT where ROOT/val2017 holds the images")
+        paths = image_paths(root / "val2017", "reference")
+    elif Path(reference).is_file():
+        if Path(reference).suffix != ".npz":
+            raise UserError(f"reference {reference} is a file but not a .npz of statistics; give a folder of images, "
+                            "coco:ROOT or a .npz written by --save-stats")
+        stats = load_statistics(reference)
+        if kid and stats.features is None:
+            raise UserError(f"statistics file {reference} has no features, which KID needs; drop --kid, or save the "
+                            "statistics again with --kid --save-stats")
+        return stats, None
+    elif not Path(reference).exists():
+        raise UserError(f"reference {reference} does not exist; give a folder of images, coco:ROOT or a .npz written "
+                        "by --save-stats")
+    else:
+        paths = image_paths(reference, "reference")
+    image_sizes(paths)  # an unreadable file fails now, before the network is built
+    return None, paths
+
+
+def image_paths(folder, side: str) -> list[Path]:
+    """The images directly in `folder`, sorted by name; at least two of them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise UserError(f"{side} folder {folder} {what}; give a folder of .png/.jpg/.jpeg/.webp images")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if len(paths) < 2:
+        raise UserError(f"{side} folder {folder} holds {len(paths)} image(s); FID needs at least 2 (thousands for a "
+                        "meaningful figure)")
+    return paths
+
+
+def image_sizes(paths: list[Path]) -> set[tuple[int, int]]:
+    """The distinct (width, height) of `paths`, read from the file headers; an unreadable file is an error naming it."""
+    sizes = set()
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                sizes.add(image.size)
+        except (OSError, ValueError, SyntaxError) as error:
+            raise _unreadable(path, error) from None
+    return sizes
+
+
+def load_image(path: Path, resolution: int | None = None) -> torch.Tensor:
+    """One image as the uint8 [3, H, W] tensor torch-fidelity expects, optionally resized and centre-cropped."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as error:
+        raise _unreadable(path, error) from None
+    if resolution is not None:
+        image = resize_center_crop(image, resolution)
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def inception(weights=None, device=None) -> torch.nn.Module:
+    """torch-fidelity's Inception-v3 returning its 2048-d pool features, on `device` (default: CUDA if available).
+
+    Without `weights` torch-fidelity downloads them into torch hub's cache as weights-inception-2015-12-05-6726825d.pth
+    (its hash suffix is that of pytorch-fid's pt_inception-2015-12-05-6726825d.pth).
+    """
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    name = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:  # an unknown name, or CUDA absent from this machine or build
+        raise UserError(f"cannot use device '{name}' ({_first_line(error)}); pass --device cpu or a device this "
+                        "machine has") from None
+    if weights is None:
+        try:
+            extractor = FeatureExtractorInceptionV3(EXTRACTOR_NAME, [FEATURE], verbose=False)
+        except (OSError, RuntimeError) as error:  # URLError is an OSError; a bad download is a RuntimeError
+            raise UserError(f"cannot download torch-fidelity's Inception weights ({_first_line(error)}); pass "
+                            f"--inception-weights FILE, a local copy of {INCEPTION_FILE}") from None
+    else:
+        if not Path(weights).is_file():
+            raise UserError(f"Inception weights file {weights} does not exist; pass a local copy of {INCEPTION_FILE}")
+        try:
+            extractor = FeatureExtractorInceptionV3(EXTRACTOR_NAME, [FEATURE], feature_extractor_weights_path=str(weights))
+        except Exception as error:  # torch.load and load_state_dict raise many types for a wrong file
+            raise UserError(f"{weights} is not an Inception state dict torch-fidelity can load "
+                            f"({_first_line(error)}); pass a local copy of {INCEPTION_FILE}") from None
+    return extractor.to(device)
+
+
+@torch.no_grad()
+def extract_features(extractor, paths: list[Path], batch_size: int, label: str, resolution: int | None = None) -> np.ndarray:
+    """The [n, 2048] float32 pool features of `paths`, decoded in threads, batched, with a progress bar."""
+    device = next(extractor.parameters()).device
+    batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    features = []
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for batch in tqdm(batches, desc=f"Inception features ({label})", unit="batch"):
+            images = torch.stack(list(pool.map(lambda path: load_image(path, resolution), batch)))
+            features.append(extractor(images.to(device))[0].cpu())
+    return torch.cat(features).numpy()
+
+
+def write_random_inception_weights(path, seed: int = 0) -> Path:
+    """Write torch-fidelity's Inception-v3 with seeded random weights as a state dict for `--inception-weights`.
+
+    For offline demos and tests only: it checks the FID pipeline end to end, but the figures it gives are not
+    comparable to any published FID, which all use the trained pt_inception-2015-12-05 weights. Convolutions are
+    He-normal and the batch norms' statistics come from one pass over seeded smooth noise, so the pool features
+    keep their scale and still tell images apart. The same seed gives the same file; the global RNG is left as it was.
+    """
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class InceptionSkeleton(FeatureExtractorInceptionV3):
+        """The architecture alone: the constructor's weight loading is skipped."""
+
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            return None
+
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    with torch.random.fork_rng(devices=[]):  # the layers' default initialisation draws from the global RNG
+        model = InceptionSkeleton(EXTRACTOR_NAME, [FEATURE], feature_extractor_weights_path=empty)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.normal_(0.0, (2.0 / module.weight[0].numel()) ** 0.5, generator=generator)
+            elif isinstance(module, torch.nn.BatchNorm2d):
+                module.reset_parameters()
+                module.momentum = None  # a cumulative average: one batch sets the statistics
+            elif isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0.0, module.in_features ** -0.5, generator=generator)
+                module.bias.zero_()
+        # Batch norms calibrated on smooth random images centre every layer; without that, random ReLU layers
+        # drift to features that are nearly the same for every image (correlation 0.999).
+        smooth = torch.nn.functional.interpolate(torch.rand(8, 3, 8, 8, generator=generator), size=64, mode="bicubic")
+        model.train()(smooth.clamp(0, 1).mul(255).round().to(torch.uint8))
+    model.eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _exists(path: Path) -> UserError:
+    return UserError(f"statistics file {path} already exists; remove it or choose another --save-stats name")
+
+
+def _unreadable(path: Path, error: Exception) -> UserError:
+    return UserError(f"cannot read image {path} ({_first_line(error)}); remove or replace it")
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
