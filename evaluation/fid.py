@@ -2,6 +2,7 @@
 on torch-fidelity's Inception-v3 pool features, the ones published FIDs use."""
 
 import io
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -179,12 +180,19 @@ def resolve_reference(reference, kid: bool = False) -> tuple[Statistics | None, 
 
 
 def image_paths(folder, side: str) -> list[Path]:
-    """The images directly in `folder`, sorted by name; at least two of them."""
+    """The images directly in `folder`, sorted by name; at least two of them.
+
+    A `restune-sd sample` output folder is read through its samples.jsonl, so its contact sheet is left out.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
         raise UserError(f"{side} folder {folder} {what}; give a folder of .png/.jpg/.jpeg/.webp images")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    listed = folder / "samples.jsonl"
+    if listed.is_file():
+        paths = [folder / json.loads(line)["file"] for line in listed.read_text().splitlines() if line.strip()]
+    else:
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if len(paths) < 2:
         raise UserError(f"{side} folder {folder} holds {len(paths)} image(s); FID needs at least 2 (thousands for a "
                         "meaningful figure)")

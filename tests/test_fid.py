@@ -209,3 +209,13 @@ def test_cli_bad_input_is_one_line_and_exit_2(images, weights, tmp_path):
         lines = ran.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), lines
         assert "Traceback" not in ran.output
+
+
+def test_a_sample_folder_is_read_through_its_samples_jsonl(images, weights, generated_vs_reference, tmp_path):
+    folder = shutil.copytree(images["generated"], tmp_path / "samples")
+    names = sorted(p.name for p in folder.iterdir())
+    (folder / "samples.jsonl").write_text("".join(json.dumps({"file": n, "prompt": "x"}) + "\n" for n in names))
+    Image.new("RGB", (96, 96)).save(folder / "grid.png")  # the contact sheet, of another size
+    result = compute_fid(folder, images["reference"], inception_weights=weights, device="cpu")
+    assert result["num_generated"] == len(names)
+    assert result["fid"] == pytest.approx(generated_vs_reference[0]["fid"], abs=1e-6)
