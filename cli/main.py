@@ -22,3 +22,6 @@ for _name, _what in PENDING.items():
     app.command(_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_pending(_name, _what))
 from restune_sd.cli.fid import fid
 app.command("fid")(fid)
+
+if __name__ == "__main__":  # `accelerate launch -m restune_sd.cli.main train ...`
+    app()

@@ -57,7 +57,7 @@ class TrainConfig:
     noise_offset: float = 0.0
     gradient_checkpointing: bool = False
     attention: str = "auto"
-    cache: bool = False
+    cache: bool = False  # VAE latents and text embeddings, kept in RUN_DIR/cache.pt
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     resume: str | None = None
@@ -214,10 +214,18 @@ def peak_memory_mb(device) -> float:
 class Encoders:
     """The frozen VAE and text encoder, with optional caches so later epochs skip them."""
 
-    def __init__(self, comps: Components, dtype, cache: bool):
-        self.comps, self.dtype = comps, dtype
-        self.latents = {} if cache else None  # dataset index -> (mean, std)
-        self.texts = {} if cache else None  # caption -> embedding
+    def __init__(self, comps: Components, dtype, cache_file: Path | None):
+        self.comps, self.dtype, self.cache_file = comps, dtype, cache_file
+        self.latents = {} if cache_file else None  # dataset index -> (mean, std)
+        self.texts = {} if cache_file else None  # caption -> embedding
+        if cache_file and cache_file.is_file():
+            saved = torch.load(cache_file, map_location="cpu", weights_only=True)
+            self.latents, self.texts = saved["latents"], saved["texts"]
+
+    def save(self) -> None:
+        """Persist the caches (atomically) so a resumed run skips the frozen encoders too."""
+        if self.cache_file:
+            atomic_torch_save({"latents": self.latents, "texts": self.texts}, self.cache_file)
 
     @torch.no_grad()
     def text(self, captions: list[str], device) -> torch.Tensor:
@@ -411,7 +419,7 @@ def train(cfg: TrainConfig) -> dict:
     loader = torch.utils.data.DataLoader(
         stream, batch_sampler=[b for s in range(start, total_steps) for b in batches(s)], num_workers=cfg.num_workers
     )
-    encoders = Encoders(comps, weight_dtype, cfg.cache)
+    encoders = Encoders(comps, weight_dtype, run / "cache.pt" if cfg.cache else None)
     writer = None
     if cfg.tensorboard and accelerator.is_main_process:
         try:
@@ -460,6 +468,7 @@ def train(cfg: TrainConfig) -> dict:
             progress.update(1)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                 last_checkpoint = save_checkpoint(run, step + 1, tuned, optimizer, scheduler, cfg.keep_checkpoints)
+                encoders.save()
             if cfg.validation_prompt and cfg.validation_every and (step + 1) % cfg.validation_every == 0:
                 validation_image(comps, tuned, cfg, step + 1, run, device)
         accelerator.wait_for_everyone()
@@ -473,6 +482,7 @@ def train(cfg: TrainConfig) -> dict:
         if tuner_dir.exists():  # a resumed run replaces the final tuner of its earlier, shorter end
             shutil.rmtree(tuner_dir)
         save_tuner(tuned, tuner_dir, extra={"trained_steps": total_steps, "data": cfg.data})
+        encoders.save()
         loss_curve_png([h["step"] for h in history], [h["loss"] for h in history], run / "loss.png")
         timed = [h["seconds_per_step"] for h in history[1:]] or [h["seconds_per_step"] for h in history]
         results = {

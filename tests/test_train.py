@@ -91,7 +91,7 @@ def fixed_draw_loss(tiny, data, tuner=None) -> float:
     batch = torch.utils.data.default_collate([stream[p] for p in range(8)])
     cfg = config(tiny, data, "unused")
     with torch.no_grad():
-        return sum(diffusion_loss(comps.unet, Encoders(comps, torch.float32, False), batch, cfg, 10_000 + k, "cpu").item()
+        return sum(diffusion_loss(comps.unet, Encoders(comps, torch.float32, None), batch, cfg, 10_000 + k, "cpu").item()
                    for k in range(4)) / 4
 
 
@@ -186,3 +186,23 @@ def test_corrupt_images_are_skipped_and_counted(tiny, tmp_path):
                                  "--max-steps", "3", "--batch-size", "2"])
     assert result.exit_code == 0, result.output
     assert "skipped 2 corrupt images" in result.output + result.stderr
+
+
+def test_cached_encoders_give_the_same_run_and_persist(tiny, folder_data, tmp_path, monkeypatch):
+    train(config(tiny, folder_data, tmp_path / "plain", max_steps=6))
+    calls = {"vae": 0}
+    original = Encoders.latent_moments
+
+    def counting(self, pixels, indices, device):
+        if self.latents is None or not all(i in self.latents for i in indices):
+            calls["vae"] += 1
+        return original(self, pixels, indices, device)
+
+    monkeypatch.setattr(Encoders, "latent_moments", counting)
+    train(config(tiny, folder_data, tmp_path / "cached", max_steps=6, cache=True))
+    assert calls["vae"] == 4  # 8 images in batches of 2: after the first pass every latent comes from the cache
+    a = load_file(str(tmp_path / "plain" / "tuner" / "tuner.safetensors"))
+    b = load_file(str(tmp_path / "cached" / "tuner" / "tuner.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    cache = torch.load(tmp_path / "cached" / "cache.pt", weights_only=True)
+    assert len(cache["latents"]) == 8 and len(cache["texts"]) >= 2
