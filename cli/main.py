@@ -2,6 +2,7 @@
 
 import typer
 
+from restune_sd.cli.demo import demo
 from restune_sd.cli.info import info
 from restune_sd.cli.init_tiny import init_tiny
 from restune_sd.cli.sample import sample
@@ -18,6 +19,7 @@ app.command("info")(info)
 app.command("init-tiny")(init_tiny)
 app.command("train")(train)
 app.command("sample")(sample)
+app.command("demo", hidden=True)(demo)
 for _name, _what in PENDING.items():
     app.command(_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_pending(_name, _what))
 from restune_sd.cli.fid import fid

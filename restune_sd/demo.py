@@ -4,7 +4,6 @@ Runs offline on CPU in a few minutes. Its FID uses an Inception network with fix
 figure checks the pipeline end to end and is not comparable to published FIDs.
 """
 
-import argparse
 import json
 from pathlib import Path
 
@@ -67,23 +66,3 @@ def summary_table(rows: list[dict]) -> str:
     lines.append("\n*FID with a randomly initialised Inception on a tiny random model: it checks the pipeline end to end "
                  "and is not comparable to published FIDs.")
     return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("demo-out"))
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--images", type=int, default=16)
-    args = parser.parse_args(argv)
-    from restune_sd.errors import UserError
-
-    try:
-        run_demo(args.out, args.steps, args.images)
-    except UserError as error:
-        print(f"error: {error}")
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -324,6 +324,7 @@ def validation_image(comps: Components, unet, cfg: TrainConfig, step: int, run: 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) a training job; returns the results also written to RUN_DIR/results.json."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from tqdm.auto import tqdm
 
     from restune_sd.attention import set_attention_backend
@@ -335,6 +336,9 @@ def train(cfg: TrainConfig) -> dict:
     from restune_sd.summary import parameter_summary
 
     tuning = resolve_tuner(cfg.tuner, "unet")
+    # accelerate keeps one AcceleratorState per process; each train() call sets its own precision (the process
+    # group in PartialState is kept).
+    AcceleratorState._reset_state(reset_partial_state=False)
     # cpu=True without CUDA: that is what makes accelerate join several launched processes over gloo.
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation,
                               cpu=not torch.cuda.is_available())

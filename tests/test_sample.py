@@ -134,3 +134,15 @@ def test_bad_sampling_input_is_one_line(tiny, tmp_path):
         assert result.exit_code == 2, result.output
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert (taken / "keep.png").read_bytes() == b"x"
+
+
+def test_coco_captions_are_chosen_reproducibly_and_written_alongside(tiny, tmp_path):
+    from restune_sd.datasets import make_synthetic
+
+    root = make_synthetic("coco", tmp_path / "coco", num_classes=2, images_per_class=3)
+    for out in ("a", "b"):
+        invoke("--model", tiny, "--coco", str(root), "--num-images", "3", "--out", str(tmp_path / out), *STEPS)
+    chosen = [json.loads(line) for line in (tmp_path / "a" / "coco_captions.jsonl").read_text().splitlines()]
+    assert len(chosen) == 3 and chosen == [json.loads(line) for line in (tmp_path / "b" / "coco_captions.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == [c["caption"] for c in chosen]

@@ -206,3 +206,33 @@ def test_cached_encoders_give_the_same_run_and_persist(tiny, folder_data, tmp_pa
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     cache = torch.load(tmp_path / "cached" / "cache.pt", weights_only=True)
     assert len(cache["latents"]) == 8 and len(cache["texts"]) >= 2
+
+
+OPTIONS = {
+    "v-prediction, Min-SNR, noise offset": dict(prediction_type="v_prediction", snr_gamma=5.0, noise_offset=0.05),
+    "gradient accumulation": dict(gradient_accumulation=2, batch_size=1),
+    "bf16 autocast": dict(mixed_precision="bf16"),
+    "gradient checkpointing": dict(gradient_checkpointing=True),
+    "cosine with warm-up and validation images": dict(lr_scheduler="cosine", warmup_steps=1, max_steps=3,
+                                                      validation_prompt="a red circle", validation_every=3, validation_steps=2),
+}
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_training_options(tiny, folder_data, tmp_path, name):
+    results = train(config(tiny, folder_data, tmp_path / "run", **OPTIONS[name]))
+    assert results["final_loss"] > 0
+    saved = load_file(str(tmp_path / "run" / "tuner" / "tuner.safetensors"))
+    assert all(t.dtype == torch.float32 for t in saved.values())  # trainable weights stay fp32 under autocast
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    if "cosine" in name:
+        assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+        assert (tmp_path / "run" / "validation" / "step-00000003.png").is_file()
+    if "v-prediction" in name:
+        assert json.loads((tmp_path / "run" / "config.json").read_text())["prediction_type"] == "v_prediction"
+
+
+def test_lr_schedule_counts_optimizer_steps():
+    cfg = TrainConfig(model="m", data="d", tuner="t", output="o", lr_scheduler="cosine", warmup_steps=10)
+    factors = [training.lr_factor(s, cfg, 110) for s in (0, 9, 10, 60, 110)]
+    assert factors == pytest.approx([0.1, 1.0, 1.0, 0.5, 0.0])
