@@ -146,3 +146,21 @@ def test_coco_captions_are_chosen_reproducibly_and_written_alongside(tiny, tmp_p
     assert len(chosen) == 3 and chosen == [json.loads(line) for line in (tmp_path / "b" / "coco_captions.jsonl").read_text().splitlines()]
     records = [json.loads(line) for line in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in records] == [c["caption"] for c in chosen]
+
+
+def test_two_processes_split_the_images_and_give_the_same_ones(tiny, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = ["sample", "--model", tiny, *sum((["--prompt", f"shape {i}"] for i in range(4)), []), *STEPS]
+    bin_dir = Path(sys.executable).parent
+    launch = [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", str(bin_dir / "restune-sd"), *args, "--out", str(tmp_path / "two")]
+    done = subprocess.run(launch, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    invoke(*args[1:], "--out", str(tmp_path / "one"))
+    for i in range(4):
+        assert np.array_equal(pixels(tmp_path / "two" / f"{i:05d}.png"), pixels(tmp_path / "one" / f"{i:05d}.png"))
+    assert len((tmp_path / "two" / "samples.jsonl").read_text().splitlines()) == 4
