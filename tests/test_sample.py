@@ -162,5 +162,7 @@ def test_two_processes_split_the_images_and_give_the_same_ones(tiny, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     invoke(*args[1:], "--out", str(tmp_path / "one"))
     for i in range(4):
-        assert np.array_equal(pixels(tmp_path / "two" / f"{i:05d}.png"), pixels(tmp_path / "one" / f"{i:05d}.png"))
+        # Launched processes run with OMP_NUM_THREADS=1: other reduction orders, so equal up to float rounding.
+        diff = np.abs(pixels(tmp_path / "two" / f"{i:05d}.png").astype(int) - pixels(tmp_path / "one" / f"{i:05d}.png"))
+        assert diff.max() <= 2, diff.max()
     assert len((tmp_path / "two" / "samples.jsonl").read_text().splitlines()) == 4
