@@ -278,10 +278,8 @@ def diffusion_loss(unet, encoders: Encoders, batch: dict, cfg: TrainConfig, step
         from diffusers.training_utils import compute_snr
 
         snr = compute_snr(scheduler, timesteps)
-        weight = torch.clamp(snr, max=cfg.snr_gamma) / snr
-        if scheduler.config.prediction_type == "v_prediction":
-            weight = torch.clamp(snr, max=cfg.snr_gamma) / (snr + 1)
-        per_sample = per_sample * weight
+        v_prediction = scheduler.config.prediction_type == "v_prediction"
+        per_sample = per_sample * torch.clamp(snr, max=cfg.snr_gamma) / (snr + 1 if v_prediction else snr)
     return per_sample.mean()
 
 
@@ -302,14 +300,11 @@ def save_checkpoint(run: Path, step: int, unet, optimizer, scheduler, keep: int)
 
 
 def validation_image(comps: Components, unet, cfg: TrainConfig, step: int, run: Path, device) -> Path:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=unet,
-                                   scheduler=comps.noise_scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    from diffusers import DDIMScheduler
-
-    pipe.scheduler = DDIMScheduler.from_config(comps.noise_scheduler.config)
+                                   scheduler=DDIMScheduler.from_config(comps.noise_scheduler.config), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     with torch.no_grad():
