@@ -7,7 +7,7 @@ from restune_sd.cli.info import info
 from restune_sd.cli.init_tiny import init_tiny
 from restune_sd.cli.sample import sample
 from restune_sd.cli.train import train
-from restune_sd.cli.pending import PENDING, _pending
+from restune_sd.cli.pending import PENDING, pending_command
 
 app = typer.Typer(
     name="restune-sd",
@@ -21,7 +21,7 @@ app.command("train")(train)
 app.command("sample")(sample)
 app.command("demo", hidden=True)(demo)
 for _name, _what in PENDING.items():
-    app.command(_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_pending(_name, _what))
+    app.command(_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(pending_command(_name, _what))
 from restune_sd.cli.fid import fid
 app.command("fid")(fid)
 

@@ -3,7 +3,7 @@
 import typer
 
 
-def _pending(command: str, what: str):
+def pending_command(command: str, what: str):
     def run(args: list[str] | None = typer.Argument(None, hidden=True)):
         typer.echo(f"error: `restune-sd {command}` ({what}) is not built yet; it is tracked as an open issue", err=True)
         raise typer.Exit(2)

@@ -53,11 +53,12 @@ def save_tuner(model, path, extra: dict | None = None) -> Path:
         raise UserError(f"{path} already holds files: choose a new folder (nothing is overwritten)")
     if backbone_kind(model) == "unet":
         guard_processors(model)
+    state = tuner_state(model)
     meta = {
         "format": FORMAT,
         "backbone": {"kind": model.restune.backbone, "class": type(model).__name__, "signature": backbone_signature(model)},
         "tuning": model.restune.config.to_dict(),
-        "tuner_params": sum(p.numel() for n, p in model.named_parameters() if n in set(model.restune.param_names)),
+        "tuner_params": sum(state[n].numel() for n in model.restune.param_names),
         **(extra or {}),
     }
     if model.restune.head_names:
@@ -65,7 +66,7 @@ def save_tuner(model, path, extra: dict | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        save_file(tuner_state(model), str(staging / WEIGHTS_FILE))
+        save_file(state, str(staging / WEIGHTS_FILE))
         (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if path.exists():
             path.rmdir()

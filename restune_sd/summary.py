@@ -22,7 +22,7 @@ def parameter_summary(model) -> dict:
     head_names = set(tuned.head_names) if tuned else set()
     params = dict(model.named_parameters())
     modules: dict[str, int] = {}
-    for name in sorted(tuner_names | head_names, key=list(params).index):
+    for name in (n for n in params if n in tuner_names or n in head_names):  # in module order
         modules[_group(name)] = modules.get(_group(name), 0) + params[name].numel()
     return {
         "tuner": tuned.config.name if tuned else None,
