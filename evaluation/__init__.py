@@ -1,0 +1,1 @@
+"""Metrics and measurements: FID/KID, saved-activation memory, benchmarks, loss plots."""
