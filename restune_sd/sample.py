@@ -140,14 +140,13 @@ def sample(cfg: SampleConfig) -> dict:
     tuners = cfg.tuners or [None]
     jobs = [(t, out / tuner_folder_name(t) if len(tuners) > 1 else out) for t in tuners]
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "tuners", "batch_size", "attention")}
-    for tuner, folder in jobs:  # every process checks before anything is written
+    for _, folder in jobs:  # every process checks before anything is written
         saved = folder / SETTINGS_FILE
-        if saved.exists() and json.loads(saved.read_text())["settings"] != settings:
-            raise UserError(f"{folder} holds samples made with other settings: choose a new --out (nothing is overwritten)")
-        if not saved.exists() and folder.exists() and any(folder.iterdir()) and folder != out:
+        if saved.exists():  # an earlier run of this job: resume it, if the settings are the same
+            if json.loads(saved.read_text())["settings"] != settings:
+                raise UserError(f"{folder} holds samples made with other settings: choose a new --out (nothing is overwritten)")
+        elif folder.exists() and any(folder.iterdir()):
             raise UserError(f"{folder} already holds files: choose a new --out (nothing is overwritten)")
-    if not cfg.tuners and out.exists() and any(out.iterdir()) and not (out / SETTINGS_FILE).exists():
-        raise UserError(f"{out} already holds files: choose a new --out (nothing is overwritten)")
     state.wait_for_everyone()
     out.mkdir(parents=True, exist_ok=True)
     prompts = read_prompts(cfg, out)

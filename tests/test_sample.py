@@ -119,12 +119,13 @@ def test_several_tuners_sample_into_their_own_folders(tiny, tuners, tmp_path):
     assert np.array_equal(b, pixels(single / "00000.png"))
 
 
-def test_bad_sampling_input_is_one_line(tiny, tmp_path):
+def test_bad_sampling_input_is_one_line(tiny, tuners, tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "keep.png").write_bytes(b"x")
     cases = [
         (["--model", tiny, "--out", str(taken), "--prompt", "x"], "already holds files"),
+        (["--model", tiny, "--tuner", tuners["bypass"], "--out", str(taken), "--prompt", "x"], "already holds files"),
         (["--model", tiny, "--out", str(tmp_path / "a")], "give prompts one way"),
         (["--model", tiny, "--out", str(tmp_path / "b"), "--prompt", "x", "--scheduler", "magic"], "unknown --scheduler"),
         (["--model", tiny, "--out", str(tmp_path / "c"), "--prompt", "x", "--tuner", str(tmp_path)], "not a tuner folder"),
