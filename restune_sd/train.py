@@ -177,7 +177,9 @@ def check_resume_matches(run: Path, cfg: TrainConfig) -> None:
     if not saved_path.is_file():
         return
     saved = json.loads(saved_path.read_text())
-    for key in ("model", "data", "tuner", "batch_size", "gradient_accumulation", "seed"):
+    # The optimizer and scheduler state restored from the checkpoint would silently override these.
+    for key in ("model", "data", "tuner", "batch_size", "gradient_accumulation", "seed", "learning_rate", "lr_scheduler",
+                "warmup_steps", "weight_decay"):
         if saved.get(key) != getattr(cfg, key):
             raise UserError(f"--resume: this run was started with {key}={saved.get(key)!r}, not {getattr(cfg, key)!r}; "
                             "resume with the same settings or start a new --output")
@@ -407,7 +409,7 @@ def train(cfg: TrainConfig) -> dict:
         (run / "config.json").write_text(json.dumps(record, indent=2) + "\n")
 
     stream = SampleStream(dataset, cfg.seed)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank = accelerator.process_index
 
     def batches(step: int):
         """This process's micro-batches of one optimizer step: slices of the global batch in stream order."""
@@ -436,7 +438,7 @@ def train(cfg: TrainConfig) -> dict:
     unet.train()
     iterator = iter(loader)
     started = time.time()
-    last_checkpoint = None
+    last_checkpoint = checkpoint  # a resumed run's checkpoint is its last good one until it writes another
     for step in range(start, total_steps):
         tick = time.time()
         step_loss = 0.0

@@ -151,6 +151,27 @@ def test_a_loss_that_explodes_stops_the_run_and_keeps_the_checkpoint(tiny, folde
     assert len(list((tmp_path / "run" / "checkpoints").glob("step-*.pt"))) == 1
 
 
+def test_a_resumed_run_that_explodes_names_the_checkpoint_it_resumed_from(tiny, folder_data, tmp_path):
+    run = tmp_path / "run"
+    train(config(tiny, folder_data, run, checkpoint_every=2))
+    checkpoint = run / "checkpoints" / "step-00000002.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    state["tuner"] = {k: torch.full_like(v, float("inf")) for k, v in state["tuner"].items()}
+    torch.save(state, checkpoint)
+    result = runner.invoke(app, ["train", "--model", tiny, "--data", folder_data, "--output", str(run), "--batch-size", "2",
+                                 "--learning-rate", "1e-3", "--max-steps", "4", "--resume", "latest"])
+    assert result.exit_code == 2, result.output
+    assert "loss became" in result.stderr and "step-00000002.pt" in result.stderr
+
+
+def test_resume_refuses_settings_the_checkpoint_would_override(tiny, folder_data, tmp_path):
+    run = tmp_path / "run"
+    train(config(tiny, folder_data, run, checkpoint_every=2))
+    message = one_error_line(["train", "--model", tiny, "--data", folder_data, "--output", str(run), "--batch-size", "2",
+                              "--learning-rate", "5e-4", "--max-steps", "4", "--resume", "latest"])
+    assert "learning_rate=0.001" in message
+
+
 def one_error_line(args) -> str:
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
