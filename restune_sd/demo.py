@@ -11,17 +11,17 @@ DEMO_TUNERS = ("res-tuning", "bypass", "lora")
 
 
 def run_demo(out: Path, steps: int = 60, images: int = 16) -> list[dict]:
-    import torch
 
     from restune_sd.datasets import build_dataset, make_synthetic
     from restune_sd.errors import UserError
     from restune_sd.evaluation.fid import compute_fid, write_random_inception_weights
     from restune_sd.evaluation.memory import unet_training_activation_mb
-    from restune_sd.inject import attach
     from restune_sd.config import preset
+    from restune_sd.inject import attach
+    from restune_sd.models import load_unet
     from restune_sd.sample import SampleConfig, sample
     from restune_sd.tiny import write_tiny_sd
-    from restune_sd.train import TrainConfig, load_components, train
+    from restune_sd.train import TrainConfig, train
 
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} already holds files: remove it or pass another --out")
@@ -39,8 +39,7 @@ def run_demo(out: Path, steps: int = 60, images: int = 16) -> list[dict]:
         run = out / "runs" / name
         result = train(TrainConfig(model=model, data=f"folder:{data_root}", tuner=name, output=str(run), max_steps=steps,
                                    batch_size=4, learning_rate=1e-3, checkpoint_every=steps // 2))
-        unet = attach(load_components(model, torch.device("cpu"), torch.float32).unet, preset(name, "unet"))
-        unet.train()
+        unet = attach(load_unet(model), preset(name, "unet")).train()  # for the activation measure below
         print(f"3/5 sampling {len(prompts)} images with {name}")
         sample(SampleConfig(model=model, out=str(out / "samples" / name), tuners=[str(run)], prompts=prompts, steps=20))
         print(f"4/5 FID of {name} against the training images")

@@ -51,15 +51,20 @@ def model_kind(path) -> str:
     raise UserError(f"{path} is not a diffusers Stable Diffusion pipeline (no model_index.json) nor a UNet or ViT folder")
 
 
+def native_resolution(unet_config, vae_config) -> int:
+    """A pipeline's own image size: the UNet's sample size times the VAE's downsampling factor."""
+    return unet_config["sample_size"] * 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 def pipeline_resolution(model: str) -> int | None:
-    """A local pipeline's own image size (UNet sample size x VAE scale), read from its configs; None if not local."""
+    """A local pipeline's own image size, read from its configs; None if it is not a local folder."""
     path = Path(model)
     try:
         unet = json.loads((path / "unet" / "config.json").read_text())
         vae = json.loads((path / "vae" / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    return native_resolution(unet, vae)
 
 
 def quiet_loading() -> None:

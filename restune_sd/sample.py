@@ -94,7 +94,7 @@ def load_pipeline(model: str, tuner: str | None, device, dtype, attention: str):
 
     quiet_loading()
     if Path(model).exists():
-        model_kind(model)
+        model_kind(model)  # a local folder that is not a pipeline fails here with one clear line
     try:
         pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None, requires_safety_checker=False)
     except OSError as error:

@@ -329,7 +329,7 @@ def train(cfg: TrainConfig) -> dict:
     from restune_sd.evaluation.plots import loss_curve_png
     from restune_sd.inject import attach
     from restune_sd.io import save_tuner
-    from restune_sd.models import pipeline_resolution, quiet_loading
+    from restune_sd.models import native_resolution, pipeline_resolution, quiet_loading
     from restune_sd.summary import parameter_summary
 
     tuning = resolve_tuner(cfg.tuner, "unet")
@@ -361,8 +361,7 @@ def train(cfg: TrainConfig) -> dict:
     comps = load_components(cfg.model, device, weight_dtype)
     if cfg.prediction_type:
         comps.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
-    vae_scale = 2 ** (len(comps.vae.config.block_out_channels) - 1)
-    cfg = dataclasses.replace(cfg, resolution=resolution or comps.unet.config.sample_size * vae_scale)
+    cfg = dataclasses.replace(cfg, resolution=resolution or native_resolution(comps.unet.config, comps.vae.config))
     dataset = dataset or data(cfg.resolution)
 
     torch.manual_seed(cfg.seed)  # the tuners' random initialisation
