@@ -16,9 +16,11 @@ def init_tiny(
 ):
     """Write a tiny random model in the standard folder layout (loads with plain from_pretrained, offline)."""
     from restune_sd.errors import UserError
+    from restune_sd.files import writing
     from restune_sd.tiny import write_tiny_sd, write_tiny_vit
 
     if kind not in ("sd", "vit"):
         raise UserError(f"unknown kind {kind!r}: use sd or vit")
-    path = write_tiny_sd(directory, seed=seed) if kind == "sd" else write_tiny_vit(directory, seed=seed)
+    with writing(directory, "choose a folder where you can write"):
+        path = write_tiny_sd(directory, seed=seed) if kind == "sd" else write_tiny_vit(directory, seed=seed)
     typer.echo(f"wrote a tiny {kind} model to {path}")

@@ -10,6 +10,7 @@ from restune_sd.cli.common import user_errors
 
 @user_errors
 def train(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option(help="diffusers Stable Diffusion pipeline folder or hub id")],
     data: Annotated[str, typer.Option(help="PREFIX:ROOT: coco, cub, flowers102, cars, aircraft, food101, classfolder, folder")],
     output: Annotated[str, typer.Option(help="new run directory (or the one to --resume)")],
@@ -47,7 +48,9 @@ def train(
     """Fine-tune a frozen SD UNet with a tuner; writes the tuner, config, metrics and loss curve to OUTPUT."""
     from restune_sd.train import TrainConfig, train as run_training
 
-    settings = {k: v for k, v in locals().items() if k != "run_training" and k != "TrainConfig"}
-    results = run_training(TrainConfig(**settings))
+    settings = {k: v for k, v in locals().items() if k not in ("run_training", "TrainConfig", "ctx")}
+    # On --resume, options left out are taken from the run; only those typed on the command line count as changes.
+    given = {k for k in settings if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+    results = run_training(TrainConfig(**settings), given=given)
     if results:
         typer.echo(json.dumps(results, indent=2))

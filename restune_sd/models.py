@@ -56,6 +56,15 @@ def native_resolution(unet_config, vae_config) -> int:
     return unet_config["sample_size"] * 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
+def vae_factor(model: str) -> int | None:
+    """A local pipeline's VAE downsampling factor (8 for SD v1.5), read from its config; None if it cannot be read."""
+    try:
+        vae = json.loads((Path(model) / "vae" / "config.json").read_text())
+        return 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def pipeline_resolution(model: str) -> int | None:
     """A local pipeline's own image size, read from its configs; None if it is not a local folder."""
     path = Path(model)

@@ -1,0 +1,64 @@
+"""Writing and reading run files so that a crash or a full disk never leaves a half-written file under its final name."""
+
+import errno
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from restune_sd.errors import UserError
+
+
+def warn(message: str) -> None:
+    """A warning line on stderr, where it never mixes with a command's JSON on stdout."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def write_reason(error: BaseException) -> str:
+    """Why a write failed, in words; torch's zip writer reports a full disk as a RuntimeError."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return "no space left on device"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror.lower()
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if "unexpected pos" in text or "failed writing" in text:
+        return f"the disk is probably full: {text}"
+    return text
+
+
+@contextmanager
+def writing(what, hint: str = ""):
+    """Turn a failed write (full disk, read-only or missing folder) into one line naming `what` and what to do."""
+    try:
+        yield
+    except OSError as error:
+        raise UserError(f"cannot write {what} ({write_reason(error)}){'; ' + hint if hint else ''}") from None
+
+
+def write_atomic(path, write, hint: str = "") -> Path:
+    """Call `write(temporary_path)`, then rename it to `path`; on failure the temporary file is removed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path} ({write_reason(error)}){'; ' + hint if hint else ''}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path, text: str, hint: str = "") -> Path:
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text), hint)
+
+
+def read_json(path, fix: str):
+    """A JSON file's contents; a damaged one is a UserError naming it and `fix`."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path} is damaged ({str(error).splitlines()[0]}): {fix}") from None
