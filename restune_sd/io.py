@@ -1,9 +1,11 @@
 """Saving a trained tuner as a folder (config JSON + safetensors) and attaching it to a fresh backbone.
 
 A tuner folder holds `tuner_config.json` and `tuner.safetensors` (tuner weights only, plus the head for
-classifiers). It is written to a temporary sibling and renamed into place, so it is never half-written.
+classifiers). It is written to a temporary sibling and renamed into place, so it is never half-written; the
+config records the weights' SHA-256, so a damaged or altered copy is refused when loaded.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -11,7 +13,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors, save_file
 from torch import nn
 
 from restune_sd.attention import guard_processors
@@ -67,6 +70,7 @@ def save_tuner(model, path, extra: dict | None = None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         save_file(state, str(staging / WEIGHTS_FILE))
+        meta["weights_sha256"] = hashlib.sha256((staging / WEIGHTS_FILE).read_bytes()).hexdigest()
         (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if path.exists():
             path.rmdir()
@@ -87,10 +91,40 @@ def find_tuner_dir(path) -> Path:
 
 
 def read_tuner_config(path) -> dict:
-    meta = json.loads((find_tuner_dir(path) / CONFIG_FILE).read_text())
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{path}: unknown tuner format {meta.get('format')!r} (expected {FORMAT})")
+    config = find_tuner_dir(path) / CONFIG_FILE
+    try:
+        meta = json.loads(config.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"tuner config {config} is damaged ({str(error).splitlines()[0]}): copy the tuner folder again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"{path}: unknown tuner format {meta.get('format') if isinstance(meta, dict) else meta!r} (expected {FORMAT})")
     return meta
+
+
+def tuner_digest(path) -> str:
+    """The SHA-256 of a tuner's config and weights together: what identifies a tuner, whatever its folder's name."""
+    folder = find_tuner_dir(path)
+    digest = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        digest.update(hashlib.sha256((folder / name).read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def read_weights(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """The tuner's tensors, checked against the checksum in its config; a damaged file is a UserError naming it."""
+    path = folder / WEIGHTS_FILE
+    data = path.read_bytes()
+    expected = meta.get("weights_sha256")
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise UserError(f"tuner {path} is damaged: it does not match the checksum in its {CONFIG_FILE}; copy the tuner again")
+    try:
+        state = load_safetensors(data)
+    except (SafetensorError, ValueError, OSError) as error:
+        raise UserError(f"tuner {path} is damaged ({str(error).splitlines()[0]}); copy the tuner again") from None
+    broken = next((name for name, tensor in state.items() if not torch.isfinite(tensor).all()), None)
+    if broken is not None:
+        raise UserError(f"tuner {path} holds non-finite weights (first: {broken}): it cannot give sensible images")
+    return state
 
 
 def _resize_head(model, head: dict) -> None:
@@ -122,8 +156,8 @@ def load_tuner(model, path):
         raise UserError(f"tuner {folder} does not fit this {kind}: it was trained with {k}={saved['signature'][k]}, this model has {k}={here.get(k)}")
     if "head" in meta:
         _resize_head(backbone, meta["head"])
+    state = read_weights(folder, meta)
     attach(backbone, TuningConfig.from_dict(meta["tuning"]))
-    state = load_file(str(folder / WEIGHTS_FILE))
     params = dict(backbone.named_parameters())
     expected = set(backbone.restune.param_names + backbone.restune.head_names)
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)

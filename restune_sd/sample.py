@@ -2,19 +2,22 @@
 
 Image i has its own generator seeded with `seed + i`, so a single image with `--seed S` is exactly what a stock
 pipeline gives with `generator=torch.Generator(device).manual_seed(S)`, whatever the batch size or the number
-of processes. Each PNG is written atomically; an interrupted job skips the images it already has.
+of processes. Each PNG is written atomically; an interrupted job skips the images it already has, and only a job
+with the same model, tuner (by content), prompts (by content) and settings counts as the same job.
 """
 
 import dataclasses
+import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from restune_sd.bounds import MAX_RESOLUTION, check_bounds, require_resolution
 from restune_sd.errors import UserError
+from restune_sd.files import read_json, write_atomic, write_text_atomic, writing
 
 SCHEDULERS = ("ddim", "dpm", "pndm", "euler")
 SETTINGS_FILE = "sample_config.json"
@@ -44,8 +47,7 @@ class SampleConfig:
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:
             raise UserError(f"unknown --scheduler {self.scheduler!r}: use one of {', '.join(SCHEDULERS)}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise UserError("--steps and --batch-size must be at least 1")
+        check_bounds(self, SAMPLE_BOUNDS)
         sources = sum(bool(s) for s in (self.prompts, self.prompts_file, self.coco))
         if sources != 1:
             raise UserError("give prompts one way: --prompt (repeatable), --prompts-file, or --coco ROOT --num-images N")
@@ -53,8 +55,16 @@ class SampleConfig:
             raise UserError("--coco needs --num-images N (the first N val2017 images)")
 
 
-def read_prompts(cfg: SampleConfig, out: Path) -> list[str]:
-    """The job's prompts; with --coco the chosen images and captions are written to OUT/coco_captions.jsonl."""
+SAMPLE_BOUNDS = {
+    "num_images": {"integer": True, "minimum": 1, "optional": True}, "steps": {"integer": True, "minimum": 1, "maximum": 1000},
+    "guidance": {"minimum": 0}, "seed": {"integer": True, "minimum": 0}, "batch_size": {"integer": True, "minimum": 1},
+    "resolution": {"integer": True, "minimum": 8, "maximum": MAX_RESOLUTION, "optional": True},
+}
+
+
+def read_prompts(cfg: SampleConfig) -> tuple[list[str], list | None]:
+    """The job's prompts, and with --coco the chosen (file name, caption) pairs."""
+    items = None
     if cfg.prompts:
         prompts = list(cfg.prompts)
     elif cfg.prompts_file:
@@ -66,15 +76,24 @@ def read_prompts(cfg: SampleConfig, out: Path) -> list[str]:
         from restune_sd.datasets import coco_val_items
 
         items = coco_val_items(cfg.coco, cfg.num_images, seed=cfg.seed)
-        captions = out / "coco_captions.jsonl"
-        if not captions.exists():
-            captions.write_text("".join(json.dumps({"file_name": f, "caption": c}) + "\n" for f, c in items))
         prompts = [c for _, c in items]
     if cfg.num_images and not cfg.coco:
         prompts = [prompts[i % len(prompts)] for i in range(cfg.num_images)]
     if not prompts:
         raise UserError("no prompts to sample: the prompts file is empty")
-    return prompts
+    return prompts, items
+
+
+def job_identity(cfg: SampleConfig, prompts: list[str], tuner: str | None) -> dict:
+    """What makes two runs the same job: the model (resolved), the tuner and prompts by content, the settings."""
+    from restune_sd.io import tuner_digest
+
+    local = Path(cfg.model).expanduser()
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+                if k not in ("out", "tuners", "batch_size", "attention", "prompts", "prompts_file", "coco", "model")}
+    return {**settings, "model": str(local.resolve()) if local.exists() else cfg.model,
+            "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+            "tuner_sha256": tuner_digest(tuner) if tuner else None}
 
 
 def make_scheduler(name: str, config):
@@ -119,7 +138,7 @@ def contact_sheet(paths: list[Path], out: Path, limit: int = 64) -> Path | None:
     sheet = Image.new("RGB", (cols * w, rows * h), "white")
     for i, image in enumerate(images):
         sheet.paste(image.resize((w, h)), ((i % cols) * w, (i // cols) * h))
-    sheet.save(out)
+    sheet.save(out, format="PNG")
     return out
 
 
@@ -139,23 +158,36 @@ def sample(cfg: SampleConfig) -> dict:
     out = Path(cfg.out)
     tuners = cfg.tuners or [None]
     jobs = [(t, out / tuner_folder_name(t) if len(tuners) > 1 else out) for t in tuners]
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "tuners", "batch_size", "attention")}
+    folder_names = [folder.name for _, folder in jobs]
+    if len(set(folder_names)) < len(folder_names):
+        twice = next(n for n in folder_names if folder_names.count(n) > 1)
+        raise UserError(f"two tuners would sample into {out / twice}: give them folders of different names")
+    prompts, coco_items = read_prompts(cfg)
+    if cfg.resolution is not None:
+        from restune_sd.models import vae_factor
+
+        require_resolution("--resolution", cfg.resolution, vae_factor(cfg.model) or 8)
+    identities = {folder: job_identity(cfg, prompts, tuner) for tuner, folder in jobs}
     for _, folder in jobs:  # every process checks before anything is written
         saved = folder / SETTINGS_FILE
-        if saved.exists():  # an earlier run of this job: resume it, if the settings are the same
-            if json.loads(saved.read_text())["settings"] != settings:
-                raise UserError(f"{folder} holds samples made with other settings: choose a new --out (nothing is overwritten)")
+        if saved.exists():  # an earlier run of this job: resume it, if it is the same job
+            fix = f"remove {saved} and the images beside it, or choose a new --out"
+            if read_json(saved, fix).get("settings") != identities[folder]:
+                raise UserError(f"{folder} holds samples of another job (other model, tuner, prompts or settings): "
+                                "choose a new --out (nothing is overwritten)")
         elif folder.exists() and any(folder.iterdir()):
             raise UserError(f"{folder} already holds files: choose a new --out (nothing is overwritten)")
     state.wait_for_everyone()
-    out.mkdir(parents=True, exist_ok=True)
-    prompts = read_prompts(cfg, out)
+    with writing(out, "choose an --out where you can write"):
+        out.mkdir(parents=True, exist_ok=True)
+    if coco_items is not None and state.is_main_process:
+        write_text_atomic(out / "coco_captions.jsonl", "".join(json.dumps({"file_name": f, "caption": c}) + "\n" for f, c in coco_items))
 
     results = {}
     for tuner, folder in jobs:
         folder.mkdir(parents=True, exist_ok=True)
         if state.is_main_process:
-            (folder / SETTINGS_FILE).write_text(json.dumps({"settings": settings, "tuner": tuner}, indent=2) + "\n")
+            write_text_atomic(folder / SETTINGS_FILE, json.dumps({"settings": identities[folder], "tuner": tuner}, indent=2) + "\n")
         names = [f"{i:05d}.png" for i in range(len(prompts))]
         mine = [i for i in range(len(prompts)) if i % state.num_processes == state.process_index]
         todo = [i for i in mine if not (folder / names[i]).exists()]
@@ -173,17 +205,16 @@ def sample(cfg: SampleConfig) -> dict:
                         generator=[torch.Generator(device).manual_seed(cfg.seed + i) for i in chunk],
                     ).images
                 for i, image in zip(chunk, images):
-                    tmp = folder / f".{names[i]}.tmp.png"
-                    image.save(tmp)
-                    os.replace(tmp, folder / names[i])
+                    write_atomic(folder / names[i], lambda tmp: image.save(tmp, format="PNG"),
+                                 "the images already written are kept: free some space and run the same command again")
             del pipe
         state.wait_for_everyone()
         if state.is_main_process:
-            records = [{"file": names[i], "prompt": p, "seed": cfg.seed + i, **{k: settings[k] for k in
+            records = [{"file": names[i], "prompt": p, "seed": cfg.seed + i, **{k: identities[folder][k] for k in
                         ("steps", "guidance", "scheduler", "resolution", "negative_prompt")}, "tuner": tuner}
                        for i, p in enumerate(prompts)]
-            (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-            contact_sheet([folder / n for n in names], folder / "grid.png")
+            write_text_atomic(folder / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+            write_atomic(folder / "grid.png", lambda tmp: contact_sheet([folder / n for n in names], tmp))
         results[tuner or "base"] = {"folder": str(folder), "num_images": len(prompts)}
     state.wait_for_everyone()
     return results
