@@ -29,15 +29,23 @@ def fid(
     - resize: bicubic resize of the shorter side, then a centre crop; Inception resizes both sides to 299x299.
     - COCO2017 val has 5,000 images, so FID against coco:ROOT is FID-5k unless captions repeat.
     """
-    from restune_sd.evaluation.fid import compute_fid
+    from restune_sd.evaluation.fid import StatisticsNotSaved, compute_fid
 
-    result = compute_fid(generated, reference, kid=kid, inception_weights=inception_weights, device=device,
-                         batch_size=batch_size, save_stats=save_stats, resolution=resolution)
+    try:
+        result = compute_fid(generated, reference, kid=kid, inception_weights=inception_weights, device=device,
+                             batch_size=batch_size, save_stats=save_stats, resolution=resolution)
+    except StatisticsNotSaved as error:  # the figures took minutes: print them, then the error
+        show(error.result, as_json, kid)
+        raise
+    show(result, as_json, kid)
+    if save_stats is not None and not as_json:
+        typer.echo(f"reference statistics saved to {save_stats}")
+
+
+def show(result: dict, as_json: bool, kid: bool) -> None:
     if as_json:
-        typer.echo(json.dumps(result))
+        typer.echo(json.dumps(result, allow_nan=False))
         return
     typer.echo(f"FID {result['fid']:.4f}  ({result['num_generated']:,} generated vs {result['num_reference']:,} reference images)")
     if kid:
         typer.echo(f"KID {result['kid_mean']:.6f} ± {result['kid_std']:.6f}")
-    if save_stats is not None:
-        typer.echo(f"reference statistics saved to {save_stats}")

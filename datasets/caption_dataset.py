@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from restune_sd.datasets.transforms import TrainTransform
+from restune_sd.datasets.transforms import TrainTransform, to_rgb
 from restune_sd.errors import UserError
 
 # The errors PIL raises for a truncated, garbage or oversized file (UnidentifiedImageError is an OSError).
@@ -72,7 +72,7 @@ class CaptionDataset(torch.utils.data.Dataset):
         path = self.paths[index]
         try:
             with Image.open(path) as image:
-                return image.convert("RGB")
+                return to_rgb(image)
         except DECODE_ERRORS as error:
             self._corrupt_indices.add(index)
             self.num_corrupt += 1

@@ -6,6 +6,28 @@ import numpy as np
 import torch
 from PIL import Image
 
+from restune_sd.errors import UserError
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The image as 8-bit RGB. PIL's own conversion clips 16-bit and float images to near white, so 16-bit ones
+    (PIL reads them as I;16 or I) are scaled by 255/65535 and float ones must hold values in [0, 1]."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        pixels = np.asarray(image, dtype=np.float64)
+        if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+            raise UserError(f"a 32-bit image with values up to {pixels.max():.0f} has no known white level: "
+                            "save it with 8 or 16 bits per channel")
+        return Image.fromarray(np.round(pixels / 257).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        if pixels.size and not (np.isfinite(pixels).all() and pixels.min() >= 0 and pixels.max() <= 1):
+            raise UserError(f"a float image with values in [{pixels.min():g}, {pixels.max():g}] has no known white level: "
+                            "scale it to [0, 1] or save it with 8 or 16 bits per channel")
+        return Image.fromarray(np.round(pixels * 255).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
 
 def resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
     """The image scaled (bicubic, antialiased) so that its shorter side is exactly `resolution` pixels."""

@@ -3,7 +3,9 @@ on torch-fidelity's Inception-v3 pool features, the ones published FIDs use."""
 
 import io
 import json
+import math
 import os
+import pickle
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +15,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from restune_sd.datasets.transforms import resize_center_crop
+from restune_sd.datasets.transforms import resize_center_crop, to_rgb
+from restune_sd.bounds import MAX_RESOLUTION, require_number
 from restune_sd.errors import UserError
+from restune_sd.files import write_reason
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -39,17 +43,29 @@ class Statistics:
                    features=features if keep_features else None)
 
 
+class StatisticsNotSaved(UserError):
+    """The FID was computed but its reference statistics could not be written; `result` holds the figures."""
+
+    def __init__(self, message: str, result: dict):
+        super().__init__(message)
+        self.result = result
+
+
 def save_statistics(path, stats: Statistics) -> Path:
-    """Write `stats` to a new .npz file (an existing file is never overwritten)."""
+    """Write `stats` to a new .npz file (an existing file is never overwritten, a failed write leaves no file)."""
     path = new_statistics_path(path)
     arrays = dict(mu=stats.mu, sigma=stats.sigma, num_images=np.int64(stats.num_images))
     if stats.features is not None:
         arrays["features"] = stats.features
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(path, "xb") as file:  # "x": refuse to overwrite, even a file that appeared since the check
+        with open(tmp, "wb") as file:
             np.savez(file, **arrays)
+        os.link(tmp, path)  # a link, not a rename: it refuses a file that appeared since the check
     except FileExistsError:
         raise _exists(path) from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -126,8 +142,8 @@ def compute_fid(generated, reference, *, kid: bool = False, inception_weights=No
     """
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
-    if resolution is not None and resolution < 1:
-        raise UserError(f"--resolution must be a positive number of pixels, not {resolution}")
+    if resolution is not None:
+        require_number("--resolution", resolution, minimum=1, maximum=MAX_RESOLUTION, integer=True)
     if save_stats is not None:
         save_stats = new_statistics_path(save_stats)  # checked now, not after minutes of Inception
     generated_paths = image_paths(generated, "generated")
@@ -144,13 +160,24 @@ def compute_fid(generated, reference, *, kid: bool = False, inception_weights=No
     if reference_stats is None:
         reference_features = extract_features(extractor, reference_paths, batch_size, "reference", resolution)
         reference_stats = Statistics.from_features(reference_features, keep_features=kid)
-    if save_stats is not None:
-        save_statistics(save_stats, reference_stats)
-
+    for label, stats in (("generated", generated_stats), ("reference", reference_stats)):
+        if not (np.isfinite(stats.mu).all() and np.isfinite(stats.sigma).all()):
+            raise UserError(f"the {label} images' Inception features are not finite, so FID would be NaN; check "
+                            f"--inception-weights (a local copy of {INCEPTION_FILE}) and the statistics file")
     result = {"fid": frechet_distance(generated_stats, reference_stats),
               "num_generated": generated_stats.num_images, "num_reference": reference_stats.num_images}
     if kid:
         result["kid_mean"], result["kid_std"] = kernel_distance(generated_stats.features, reference_stats.features)
+    broken = [key for key in ("fid", "kid_mean", "kid_std") if key in result and not math.isfinite(result[key])]
+    if broken:
+        raise UserError(f"{broken[0]} came out {result[broken[0]]}: the Inception features are not finite; check "
+                        f"--inception-weights (a local copy of {INCEPTION_FILE}) and the images")
+    if save_stats is not None:
+        try:
+            save_statistics(save_stats, reference_stats)
+        except OSError as error:
+            raise StatisticsNotSaved(f"cannot write statistics file {save_stats} ({write_reason(error)}); the FID above "
+                                     "was computed, but no statistics file was left", result) from None
     return result
 
 
@@ -215,7 +242,7 @@ def load_image(path: Path, resolution: int | None = None) -> torch.Tensor:
     """One image as the uint8 [3, H, W] tensor torch-fidelity expects, optionally resized and centre-cropped."""
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = to_rgb(image)
     except (OSError, ValueError, SyntaxError) as error:
         raise _unreadable(path, error) from None
     if resolution is not None:
@@ -245,14 +272,40 @@ def inception(weights=None, device=None) -> torch.nn.Module:
             raise UserError(f"cannot download torch-fidelity's Inception weights ({_first_line(error)}); pass "
                             f"--inception-weights FILE, a local copy of {INCEPTION_FILE}") from None
     else:
-        if not Path(weights).is_file():
-            raise UserError(f"Inception weights file {weights} does not exist; pass a local copy of {INCEPTION_FILE}")
+        # torch-fidelity loads the file with weights_only=False, which runs any code a pickle carries: it gets a
+        # buffer holding only the tensors read here safely.
+        buffer = io.BytesIO()
+        torch.save(load_inception_state(weights), buffer)
+        buffer.seek(0)
         try:
-            extractor = FeatureExtractorInceptionV3(EXTRACTOR_NAME, [FEATURE], feature_extractor_weights_path=str(weights))
+            extractor = FeatureExtractorInceptionV3(EXTRACTOR_NAME, [FEATURE], feature_extractor_weights_path=buffer)
         except Exception as error:  # torch.load and load_state_dict raise many types for a wrong file
             raise UserError(f"{weights} is not an Inception state dict torch-fidelity can load "
                             f"({_first_line(error)}); pass a local copy of {INCEPTION_FILE}") from None
     return extractor.to(device)
+
+
+def load_inception_state(weights) -> dict:
+    """An Inception state dict read with weights_only=True: a file that would run code is refused, not loaded."""
+    if not Path(weights).is_file():
+        raise UserError(f"Inception weights file {weights} does not exist; pass a local copy of {INCEPTION_FILE}")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only" in str(error).lower():
+            raise UserError(f"Inception weights file {weights} holds objects that could run code when loaded, so it is "
+                            f"not loaded; pass a local copy of {INCEPTION_FILE}") from None
+        raise _not_inception(weights, error) from None
+    except Exception as error:  # a truncated or foreign file: torch raises RuntimeError, EOFError, ...
+        raise _not_inception(weights, error) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{weights} is not an Inception state dict; pass a local copy of {INCEPTION_FILE}")
+    return state
+
+
+def _not_inception(weights, error: Exception) -> UserError:
+    return UserError(f"{weights} is not an Inception state dict torch-fidelity can load ({_first_line(error)}); pass a "
+                     f"local copy of {INCEPTION_FILE}")
 
 
 @torch.no_grad()
