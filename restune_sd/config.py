@@ -6,12 +6,24 @@ paper's budgets (README, "Presets"). Every field carries its help text in `metad
 
 import dataclasses
 import json
+import math
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from restune_sd.errors import UserError
+
+# What a received config may ask for: far above the paper's recipes (L <= 100, l <= 100, r <= 8), far below sizes
+# that exhaust a machine's memory (dim 2e9 would ask for 128 GB).
+FIELD_BOUNDS = {"dim": (1, 4096), "groups": (1, 4096), "rank": (1, 1024), "bottleneck": (0, 4096), "reduction": (1, 4096)}
+MAX_PATTERN_LENGTH = 200
+# Variable repeats a blocks pattern may hold: with k of them a full match costs at most ~n^k steps on a name of n
+# characters, so 4 keeps the worst case well under a second on block names.
+MAX_VARIABLE_REPEATS = 4
 
 UNBOUND_KINDS = ("res-adapter", "res-prefix", "res-prompt")
 BOUND_KINDS = ("adapter", "prefix", "prompt")
@@ -48,8 +60,12 @@ class TunerSpec:
             raise UserError(f"gate must be 'scale' or 'lambda', not {self.gate!r}")
         if self.gate == "lambda" and self.kind not in ("res-prefix", "res-prompt"):
             raise UserError(f"gate 'lambda' applies to res-prefix and res-prompt only, not {self.kind}")
-        if self.dim < 1 or self.groups < 1:
-            raise UserError(f"{self.kind}: dim and groups must be positive (got dim={self.dim}, groups={self.groups})")
+        _check_bounds(self, f"{self.kind}")
+        if self.dim % self.groups:
+            raise UserError(f"{self.kind}: groups={self.groups} must divide dim={self.dim}")
+        if self.scale is not None and not math.isfinite(self.scale):
+            raise UserError(f"{self.kind}: scale must be a finite number, not {self.scale}")
+        _check_pattern(self.blocks)
 
 
 @dataclass
@@ -61,8 +77,9 @@ class LoraSpec:
     targets: list[str] | None = _help("module-name suffixes or a regex; default: the backbone's attention projections", None)
 
     def __post_init__(self):
-        if self.rank < 1:
-            raise UserError(f"LoRA rank must be positive, got {self.rank}")
+        _check_bounds(self, "lora")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise UserError(f"lora: alpha must be a positive number, not {self.alpha}")
 
 
 @dataclass
@@ -114,10 +131,97 @@ def _build(cls, data, where: str):
     unknown = sorted(set(data) - known)
     if unknown:
         raise UserError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        if not _fits(value, hints[name]):
+            raise UserError(f"{where}: {name} must be {_describe(hints[name])}, not {value!r}")
     try:
-        return cls(**data)
+        built = cls(**data)
     except TypeError as error:
         raise UserError(f"{where}: {error}") from None
+    _check_bounds(built, where)
+    return built
+
+
+def _fits(value, hint) -> bool:
+    """Whether a value read from YAML/JSON has a field's declared type (a bool is not a number; numbers are finite)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) in (list, tuple):
+        (arg, *_) = typing.get_args(hint) or (object,)
+        return isinstance(value, (list, tuple)) and all(_fits(item, arg) for item in value)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, (dict, hint))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return hint is object or isinstance(value, hint)
+
+
+def _describe(hint) -> str:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    names = {int: "a whole number", float: "a finite number", str: "a string", bool: "true or false", type(None): "null"}
+    if typing.get_origin(hint) in (list, tuple):
+        return f"a list of {_describe(typing.get_args(hint)[0]).removeprefix('a ')}s"
+    return names.get(hint, f"a mapping of {getattr(hint, '__name__', hint)} fields")
+
+
+def _check_bounds(spec, where: str) -> None:
+    for name, (low, high) in FIELD_BOUNDS.items():
+        value = getattr(spec, name, None)
+        if isinstance(value, int) and not low <= value <= high:
+            raise UserError(f"{where}: {name} must be between {low} and {high}, not {value}")
+
+
+def _check_pattern(pattern: str) -> None:
+    """Refuse a blocks regex that could backtrack without end: a repeat or alternation inside a repeat, or many repeats."""
+    try:
+        import re._constants as sre
+        import re._parser as sre_parse
+    except ImportError:  # Python 3.10
+        import sre_constants as sre
+        import sre_parse
+
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise UserError(f"blocks pattern is {len(pattern)} characters long; keep it under {MAX_PATTERN_LENGTH}")
+    try:
+        tree = sre_parse.parse(pattern)
+    except re.error as error:
+        raise UserError(f"blocks pattern {pattern!r} is not a valid regex: {error}") from None
+    variable = 0
+    repeats = (sre.MAX_REPEAT, sre.MIN_REPEAT, getattr(sre, "POSSESSIVE_REPEAT", None))
+
+    def walk(items, in_repeat: bool) -> None:
+        nonlocal variable
+        for op, arg in items:
+            if op in repeats:
+                low, high, sub = arg
+                if in_repeat and high > 1:
+                    raise UserError(f"blocks pattern {pattern!r} nests one repeat inside another, which can backtrack "
+                                    "without end: write it without nested repeats (e.g. 'up_blocks\\..*')")
+                variable += high != low
+                walk(sub, in_repeat or high > 1)
+            elif op is sre.BRANCH:
+                if in_repeat:
+                    raise UserError(f"blocks pattern {pattern!r} repeats an alternation, which can backtrack without "
+                                    "end: list the alternatives outside the repeat")
+                for branch in arg[1]:
+                    walk(branch, in_repeat)
+            elif op is sre.SUBPATTERN:
+                walk(arg[-1], in_repeat)
+            elif op in (sre.ASSERT, sre.ASSERT_NOT):
+                walk(arg[1], in_repeat)
+            elif op is getattr(sre, "ATOMIC_GROUP", None):
+                walk(arg, in_repeat)
+
+    walk(tree, False)
+    if variable > MAX_VARIABLE_REPEATS:
+        raise UserError(f"blocks pattern {pattern!r} has {variable} variable repeats; use at most "
+                        f"{MAX_VARIABLE_REPEATS} so that matching stays fast")
 
 
 def load_config(path) -> TuningConfig:
@@ -127,8 +231,12 @@ def load_config(path) -> TuningConfig:
         raise UserError(f"tuner config {path} does not exist: pass a YAML or JSON file")
     try:
         data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
-    except (yaml.YAMLError, json.JSONDecodeError) as error:
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"tuner config {path} is not valid {path.suffix.lstrip('.').upper()}: {error}".splitlines()[0]) from None
+    if data is None:
+        raise UserError(f"tuner config {path} is empty: give at least one of tuners, lora, bypass or full")
+    if not isinstance(data, dict):
+        raise UserError(f"tuner config {path} holds a {type(data).__name__}, not a mapping of fields such as tuners: [...]")
     data.setdefault("name", path.stem)
     return TuningConfig.from_dict(data)
 

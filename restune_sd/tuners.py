@@ -9,6 +9,8 @@ import math
 import torch
 from torch import nn
 
+from restune_sd.errors import UserError
+
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     """Feature maps (B, C, H, W) are tuned per pixel over channels: move C last."""
@@ -25,7 +27,7 @@ class GroupedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, groups: int = 1, bias: bool = True):
         super().__init__()
         if in_features % groups or out_features % groups:
-            raise ValueError(f"groups={groups} must divide {in_features} and {out_features}")
+            raise UserError(f"groups={groups} must divide both the width {in_features} and {out_features}: choose groups that do")
         self.groups = groups
         self.weight = nn.Parameter(torch.empty(groups, in_features // groups, out_features // groups))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
