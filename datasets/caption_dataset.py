@@ -24,7 +24,8 @@ class CaptionDataset(torch.utils.data.Dataset):
 
     Which caption of several, the random crop offset and the flip are a pure function of (seed, epoch, index) and
     never touch global RNG state, so a resumed run draws exactly the same items. An image that fails to decode is
-    replaced by the next good index (the item's "index" says which one was returned) and counted in `num_corrupt`;
+    replaced by the next good index (the item's "index" says which one was returned, "skipped" how many corrupt ones
+    came before it) and counted in `num_corrupt`;
     with DataLoader workers each process keeps its own count.
     """
 
@@ -47,11 +48,13 @@ class CaptionDataset(torch.utils.data.Dataset):
     def captions_of(self, index: int) -> list[str]:
         return list(self._captions[index])
 
-    def corrupt_summary(self) -> str | None:
-        if not self.num_corrupt:
+    def corrupt_summary(self, indices: set[int] | None = None) -> str | None:
+        """A line on the corrupt images among `indices` (default: those this process found); None if there are none."""
+        indices = self._corrupt_indices if indices is None else indices
+        if not indices:
             return None
-        plural = "s" if self.num_corrupt != 1 else ""
-        return f"skipped {self.num_corrupt} corrupt image{plural} (first: {self._first_corrupt})"
+        plural = "s" if len(indices) != 1 else ""
+        return f"skipped {len(indices)} corrupt image{plural} (first: {self.paths[min(indices)]})"
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
@@ -66,7 +69,8 @@ class CaptionDataset(torch.utils.data.Dataset):
         rng = item_rng(self.seed, self.epoch, current)
         captions = self._captions[current]
         caption = captions[rng.randrange(len(captions))]
-        return {"pixel_values": self.transform(image, rng), "caption": caption, "index": current}
+        return {"pixel_values": self.transform(image, rng), "caption": caption, "index": current,
+                "skipped": (current - index) % len(self)}
 
     def _decode(self, index: int) -> Image.Image | None:
         path = self.paths[index]

@@ -20,6 +20,13 @@ SD15_UNET = dict(
 VIT_B16 = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                image_size=224, patch_size=16, num_labels=100)
 ARCHITECTURES = ("sd15", "vit-b16")
+# The parts of a diffusers SD pipeline folder that `train` and `sample` load, and the files each must hold
+# (a tuple: any one of them; "*" patterns: any matching file).
+PIPELINE_PARTS = {
+    "unet": ("config.json", ("*.safetensors", "*.bin")), "vae": ("config.json", ("*.safetensors", "*.bin")),
+    "text_encoder": ("config.json", ("*.safetensors", "*.bin")), "tokenizer": ("vocab.json", "merges.txt"),
+    "scheduler": ("scheduler_config.json",),
+}
 
 
 def build_architecture(name: str, device: str = "meta", num_labels: int | None = None):
@@ -49,6 +56,23 @@ def model_kind(path) -> str:
         if data.get("model_type") == "vit":
             return "vit"
     raise UserError(f"{path} is not a diffusers Stable Diffusion pipeline (no model_index.json) nor a UNet or ViT folder")
+
+
+def check_pipeline(model: str) -> None:
+    """Fail up front, naming the missing part, when `model` is a local folder without every part of an SD pipeline."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        if model.startswith(("/", ".", "~")) or model.count("/") > 1:  # hub ids are NAME or OWNER/NAME
+            raise UserError(f"model folder {model} does not exist: pass a diffusers Stable Diffusion pipeline folder")
+        return
+    if model_kind(path) != "sd":
+        raise UserError(f"{model} is not a diffusers Stable Diffusion pipeline folder (it has no model_index.json)")
+    for part, needs in PIPELINE_PARTS.items():
+        for need in needs:
+            options = need if isinstance(need, tuple) else (need,)
+            if not any(next((path / part).glob(option), None) for option in options):
+                raise UserError(f"the pipeline folder {model} is incomplete: {part}/{options[0]} is missing; copy its "
+                                f"{part}/ folder again")
 
 
 def native_resolution(unet_config, vae_config) -> int:

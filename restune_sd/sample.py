@@ -109,15 +109,15 @@ def load_pipeline(model: str, tuner: str | None, device, dtype, attention: str):
 
     from restune_sd.attention import set_attention_backend
     from restune_sd.io import load_tuner
-    from restune_sd.models import model_kind, quiet_loading
+    from restune_sd.models import check_pipeline, quiet_loading
 
     quiet_loading()
-    if Path(model).exists():
-        model_kind(model)  # a local folder that is not a pipeline fails here with one clear line
+    check_pipeline(model)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None, requires_safety_checker=False)
     except OSError as error:
-        raise UserError(f"cannot load a Stable Diffusion pipeline from {model!r}: {str(error).splitlines()[0]}") from None
+        where = "" if Path(model).exists() else "no local folder of that name exists, and as a hub id: "
+        raise UserError(f"cannot load a Stable Diffusion pipeline from {model!r}: {where}{str(error).splitlines()[0]}") from None
     if tuner:
         load_tuner(pipe, tuner)
     set_attention_backend(pipe.unet, attention)
@@ -162,10 +162,11 @@ def sample(cfg: SampleConfig) -> dict:
     if len(set(folder_names)) < len(folder_names):
         twice = next(n for n in folder_names if folder_names.count(n) > 1)
         raise UserError(f"two tuners would sample into {out / twice}: give them folders of different names")
+    from restune_sd.models import check_pipeline, vae_factor
+
+    check_pipeline(cfg.model)
     prompts, coco_items = read_prompts(cfg)
     if cfg.resolution is not None:
-        from restune_sd.models import vae_factor
-
         require_resolution("--resolution", cfg.resolution, vae_factor(cfg.model) or 8)
     identities = {folder: job_identity(cfg, prompts, tuner) for tuner, folder in jobs}
     for _, folder in jobs:  # every process checks before anything is written

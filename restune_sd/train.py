@@ -162,10 +162,9 @@ def load_components(model: str, device, dtype) -> Components:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from restune_sd.models import model_kind
+    from restune_sd.models import check_pipeline
 
-    if Path(model).exists() and model_kind(model) != "sd":
-        raise UserError(f"{model} is not a diffusers Stable Diffusion pipeline folder (it has no model_index.json)")
+    check_pipeline(model)
     try:
         return Components(
             tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"),
@@ -175,7 +174,8 @@ def load_components(model: str, device, dtype) -> Components:
             noise_scheduler=DDPMScheduler.from_pretrained(model, subfolder="scheduler"),
         )
     except OSError as error:
-        raise UserError(f"cannot load a Stable Diffusion pipeline from {model!r}: {str(error).splitlines()[0]}") from None
+        where = "" if Path(model).exists() else "no local folder of that name exists, and as a hub id: "
+        raise UserError(f"cannot load a Stable Diffusion pipeline from {model!r}: {where}{str(error).splitlines()[0]}") from None
 
 
 @dataclass
@@ -482,7 +482,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> dict:
     from restune_sd.evaluation.plots import loss_curve_png
     from restune_sd.inject import attach
     from restune_sd.io import save_tuner
-    from restune_sd.models import native_resolution, pipeline_resolution, quiet_loading, vae_factor
+    from restune_sd.models import check_pipeline, native_resolution, pipeline_resolution, quiet_loading, vae_factor
     from restune_sd.summary import parameter_summary
 
     plan = locate_run(cfg)  # every process checks before anything is written, so none waits on a failed one
@@ -511,7 +511,8 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> dict:
         return build_dataset(cfg.data, split=cfg.split, resolution=resolution, center_crop=cfg.center_crop,
                              random_flip=cfg.random_flip, caption_template=cfg.caption_template, seed=cfg.seed)
 
-    # The data is checked before any model is loaded: a bad root fails in a second, not after minutes.
+    # The data and the model folder are checked before any model is loaded: a bad root fails in a second, not after minutes.
+    check_pipeline(cfg.model)
     factor = vae_factor(cfg.model)
     if cfg.resolution is not None and factor:
         require_resolution("--resolution", cfg.resolution, factor)
@@ -598,12 +599,15 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> dict:
     iterator = iter(loader)
     started = time.time()
     last_checkpoint = checkpoint  # a resumed run's checkpoint is its last good one until it writes another
+    corrupt = set()  # counted here, not in the dataset: DataLoader workers each hold their own copy of it
     try:  # the bar ends its line, so an error is printed on a line of its own
         for step in range(start, total_steps):
             tick = time.time()
             step_loss = 0.0
             for _ in range(cfg.gradient_accumulation):
                 batch = next(iterator)
+                for asked, skipped in zip(batch["index"].tolist(), batch["skipped"].tolist()):
+                    corrupt.update((asked + k) % len(dataset) for k in range(skipped))
                 with accelerator.accumulate(unet), accelerator.autocast():
                     loss = diffusion_loss(unet, encoders, batch, cfg, step, device)
                     accelerator.backward(loss)
@@ -640,10 +644,13 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> dict:
     finally:
         progress.close()
 
+    from accelerate.utils import gather_object
+
+    corrupt = set().union(*gather_object([corrupt]))
     results = {}
     if accelerator.is_main_process:
-        if dataset_corrupt := getattr(dataset, "corrupt_summary", lambda: None)():
-            warn(dataset_corrupt)
+        if summary_line := dataset.corrupt_summary(corrupt):
+            warn(summary_line)
         tuner_dir = run / "tuner"
         if tuner_dir.exists():  # a resumed run replaces the final tuner of its earlier, shorter end
             shutil.rmtree(tuner_dir)

@@ -189,3 +189,27 @@ def test_damaged_run_records_are_read_with_a_warning(tiny, data, tmp_path):
     assert json.loads((run / "config.json").read_text())["max_steps"] == 3
     assert not list(run.glob(".*.tmp")) and not list((run / "checkpoints").glob(".*.tmp"))
     shutil.rmtree(run)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_images_are_summed_up_on_stderr_whatever_the_workers(tiny, tmp_path, workers):
+    root = make_synthetic("folder", tmp_path / "data", num_classes=2, images_per_class=3, corrupt=2)
+    result = runner.invoke(app, ["train", "--model", tiny, "--data", f"folder:{root}", "--output", str(tmp_path / "run"),
+                                 "--max-steps", "3", "--batch-size", "2", "--num-workers", str(workers)])
+    assert result.exit_code == 0, result.output
+    assert "warning: skipped 2 corrupt images" in result.stderr
+    assert json.loads(result.stdout[result.stdout.index("{"):])["steps"] == 3  # stdout holds the JSON alone
+
+
+@pytest.mark.parametrize("part", ["tokenizer", "vae", "unet"])
+def test_an_incomplete_model_folder_names_the_missing_part(tiny, data, tmp_path, part):
+    copy = Path(shutil.copytree(tiny, tmp_path / "model"))
+    shutil.rmtree(copy / part)
+    for command in (["train", "--data", data, "--output", str(tmp_path / "run"), "--max-steps", "1"],
+                    ["sample", "--out", str(tmp_path / "out"), "--prompt", "x", "--steps", "1"]):
+        message = one_error_line(runner.invoke(app, [*command, "--model", str(copy)]))
+        assert f"{part}/" in message and "incomplete" in message
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
+    missing = one_error_line(runner.invoke(app, ["train", "--model", str(tmp_path / "nowhere" / "sd"), "--data", data,
+                                                 "--output", str(tmp_path / "run")]))
+    assert "does not exist" in missing and "hub" not in missing
