@@ -69,7 +69,8 @@ class CaptionDataset(torch.utils.data.Dataset):
         rng = item_rng(self.seed, self.epoch, current)
         captions = self._captions[current]
         caption = captions[rng.randrange(len(captions))]
-        return {"pixel_values": self.transform(image, rng), "caption": caption, "index": current,
+        pixels, flipped = self.transform.apply(image, rng)
+        return {"pixel_values": pixels, "caption": caption, "index": current, "flipped": flipped,
                 "skipped": (current - index) % len(self)}
 
     def _decode(self, index: int) -> Image.Image | None:

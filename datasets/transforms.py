@@ -64,6 +64,10 @@ class TrainTransform:
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
 
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+        return self.apply(image, rng)[0]
+
+    def apply(self, image: Image.Image, rng: random.Random) -> tuple[torch.Tensor, bool]:
+        """The transformed image and whether it was flipped."""
         if self.center_crop:
             image = resize_center_crop(image, self.resolution)
         else:
@@ -71,6 +75,7 @@ class TrainTransform:
             width, height = image.size
             left, top = rng.randint(0, width - self.resolution), rng.randint(0, height - self.resolution)
             image = crop_square(image, self.resolution, left, top)
-        if self.random_flip and rng.random() < 0.5:
+        flipped = self.random_flip and rng.random() < 0.5
+        if flipped:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_signed_tensor(image)
+        return to_signed_tensor(image), flipped

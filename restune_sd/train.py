@@ -30,6 +30,7 @@ CHECKPOINTS = "checkpoints"
 # Everything `train` writes into a run directory; a folder holding only these (and no checkpoint or tuner) is an
 # attempt that stopped before its first checkpoint, which a new run may take over.
 RUN_FILES = ("config.json", "metrics.jsonl", "loss.png", "results.json", "cache.pt", CHECKPOINTS, "validation", "tensorboard")
+CACHE_KEYS = "2*index+flipped"
 CHECKPOINT_KEYS = ("step", "tuner", "optimizer", "scheduler", "rng", "config", "tuning")
 # Settings a resumed run may change: they decide how long it runs, what it records and how fast, never what it learns.
 SAFE_ON_RESUME = ("max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "validation_prompt", "validation_every",
@@ -67,7 +68,7 @@ class TrainConfig:
     noise_offset: float = 0.0
     gradient_checkpointing: bool = False
     attention: str = "auto"
-    cache: bool = False  # VAE latents and text embeddings, kept in RUN_DIR/cache.pt
+    cache: bool = False  # VAE latents (per image and flip) and text embeddings, kept in RUN_DIR/cache.pt
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     resume: str | None = None
@@ -90,8 +91,8 @@ class TrainConfig:
             raise UserError(f"adam_betas must be two numbers, not {self.adam_betas!r}")
         for beta in self.adam_betas:
             require_number("adam_betas", beta, minimum=0, maximum=0.9999999)
-        if self.cache and (self.random_flip or not self.center_crop):
-            raise UserError("--cache stores one latent per image: it needs centre crops and no random flip")
+        if self.cache and not self.center_crop:
+            raise UserError("--cache stores one latent per image and flip: it needs centre crops, not --no-center-crop")
 
 
 WHOLE = {"integer": True}
@@ -362,16 +363,22 @@ class Encoders:
 
     def __init__(self, comps: Components, dtype, cache_file: Path | None):
         self.comps, self.dtype, self.cache_file = comps, dtype, cache_file
-        self.latents = {} if cache_file else None  # dataset index -> (mean, std)
+        self.latents = {} if cache_file else None  # 2 * dataset index + flipped -> (mean, std)
         self.texts = {} if cache_file else None  # caption -> embedding
         if cache_file and cache_file.is_file():
-            saved = torch.load(cache_file, map_location="cpu", weights_only=True)
-            self.latents, self.texts = saved["latents"], saved["texts"]
+            try:
+                saved = torch.load(cache_file, map_location="cpu", weights_only=True)
+            except Exception as error:  # only a cache: a damaged one is rebuilt, never trusted
+                saved = {}
+                warn(f"{cache_file} cannot be read ({(str(error).splitlines() or [type(error).__name__])[0]}); rebuilding it")
+            if saved.get("keys") == CACHE_KEYS:  # an older cache keyed latents by image alone: rebuilt, not misread
+                self.latents, self.texts = saved["latents"], saved["texts"]
 
     def save(self) -> None:
         """Persist the caches (atomically) so a resumed run skips the frozen encoders too."""
         if self.cache_file:
-            atomic_torch_save({"latents": self.latents, "texts": self.texts}, self.cache_file, "free some space")
+            atomic_torch_save({"keys": CACHE_KEYS, "latents": self.latents, "texts": self.texts}, self.cache_file,
+                              "free some space")
 
     @torch.no_grad()
     def text(self, captions: list[str], device) -> torch.Tensor:
@@ -401,7 +408,8 @@ class Encoders:
 def diffusion_loss(unet, encoders: Encoders, batch: dict, cfg: TrainConfig, step: int, device) -> torch.Tensor:
     """The denoising loss of one micro-batch; noise, timestep and latent sample drawn per sample from (seed, step, position)."""
     scheduler = encoders.comps.noise_scheduler
-    mean, std = encoders.latent_moments(batch["pixel_values"], batch["index"].tolist(), device)
+    keys = (2 * batch["index"] + batch["flipped"].long()).tolist()  # a flipped image has a latent of its own
+    mean, std = encoders.latent_moments(batch["pixel_values"], keys, device)
     gens = [seeded(cfg.seed, step, int(p)) for p in batch["position"]]
     shape = mean.shape[1:]
     draw = lambda g: torch.randn(shape, generator=g)  # noqa: E731

@@ -213,3 +213,16 @@ def test_an_incomplete_model_folder_names_the_missing_part(tiny, data, tmp_path,
     missing = one_error_line(runner.invoke(app, ["train", "--model", str(tmp_path / "nowhere" / "sd"), "--data", data,
                                                  "--output", str(tmp_path / "run")]))
     assert "does not exist" in missing and "hub" not in missing
+
+
+def test_cache_works_with_random_flips_and_gives_the_same_run(tiny, data, tmp_path):
+    from safetensors.torch import load_file
+
+    settings = dict(max_steps=6, random_flip=True, checkpoint_every=0)
+    finished_run(tiny, data, tmp_path / "plain", **settings)
+    finished_run(tiny, data, tmp_path / "cached", cache=True, **settings)
+    a = load_file(str(tmp_path / "plain" / "tuner" / "tuner.safetensors"))
+    b = load_file(str(tmp_path / "cached" / "tuner" / "tuner.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    cache = torch.load(tmp_path / "cached" / "cache.pt", weights_only=True)
+    assert {key % 2 for key in cache["latents"]} == {0, 1}  # flipped and unflipped images each have their own latent
