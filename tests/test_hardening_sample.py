@@ -131,3 +131,7 @@ def test_a_damaged_job_record_is_one_line(tiny, tmp_path):
     sample("--model", tiny, "--out", str(out), "--prompt", "x", *STEPS)
     (out / "sample_config.json").write_text('{"settings": {')
     assert "is damaged" in one_error_line(["--model", tiny, "--out", str(out), "--prompt", "x", *STEPS])
+
+
+def test_an_unwritable_out_is_one_line(tiny):
+    assert "cannot write" in one_error_line(["--model", tiny, "--out", "/sys/restune-sd-samples", "--prompt", "x", *STEPS])
