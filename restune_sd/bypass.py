@@ -1,14 +1,23 @@
 """Res-Tuning-Bypass: a ladder of Res-Adapters beside a backbone that runs without autograd (METHOD.md §2).
 
-The ladder, in residual form so that it equals the frozen model at initialisation:
+`x_l` are the frozen stem features (computed under no_grad, so detached), `x_0` the root, `h_l`/`v_l` the
+horizontal/vertical Res-Adapters (zero-initialised up-projections), `up` nearest upsampling and `P_l` a 1x1
+projection where the channels change (identity elsewhere). Two forms (`BypassSpec.form`):
 
-    x_0^b = x_0
-    x_l^b = x_l + lam_l * h_l(x_l) + (1 - lam_l) * v_l(P_l(up(x_{l-1}^b)))      l = 1..L
+- `correction` (default; this project's): the ladder carries its accumulated correction `d_l = x_l^b - x_l`
+  from stage to stage, so the bypass state reaches the target by an identity path, and the output equals the
+  frozen model's at initialisation:
 
-`x_l` are the frozen stem features (computed under no_grad, so detached); h_l, v_l are zero-initialised
-Res-Adapters, `up` nearest upsampling and `P_l` a 1x1 projection where the channels change. This is the paper's
-`lam H(x_l) + (1 - lam) V(x_{l-1}^b)` with H = identity + h and the vertical branch written as a correction.
-The final `x_L^b` replaces the backbone's final feature.
+      d_0 = 0,   d_l = P_l(up(d_{l-1})) + lam_l h_l(x_l) + (1 - lam_l) v_l(P_l(up(x_{l-1}^b))),   x_l^b = x_l + d_l
+
+- `paper`: the paper's `x_l^b = lam_l H_l(x_l) + (1 - lam_l) V_l(P_l(up(x_{l-1}^b)))` with `H = id + h` and
+  `V = id + v`, as the authors' public code builds its adapters; at initialisation it is a mix of the stems,
+  not the frozen model's output.
+
+Both start from `x_0^b = x_0`; the final `x_L^b` replaces the backbone's final feature. In either form every
+stage's adapters and every projection get a gradient at the first step; the `correction` form's lambdas,
+adapter down-projections and scales multiply branches that are zero at initialisation, so they get theirs from
+the second step on (as LoRA's A matrix does).
 """
 
 import torch
@@ -21,7 +30,12 @@ from restune_sd.tuners import GroupedLinear, ResAdapter, _channels_back, _channe
 
 
 class BypassLadder(nn.Module):
-    """The ladder over L stems with channel widths `channels` (the root has `root_channels`)."""
+    """The ladder over L stems with channel widths `channels` (the root has `root_channels`).
+
+    The adapters keep separate weights per channel group with a hidden width of C/2 (grouped 1x1 convs). The
+    authors' code expands x2 inside each group instead; both give `C^2/4 + 3C/4` parameters for 4 groups, and
+    the grouped bottleneck is the adapter the rest of the project uses.
+    """
 
     def __init__(self, root_channels: int, channels: list[int], spec: BypassSpec):
         super().__init__()
@@ -29,6 +43,7 @@ class BypassLadder(nn.Module):
         def adapter(c):
             return ResAdapter(c, spec.bottleneck or c // spec.reduction, groups=spec.groups)
 
+        self.form = spec.form
         self.horizontal = nn.ModuleList(adapter(c) for c in channels)
         self.vertical = nn.ModuleList(adapter(c) for c in channels)
         widths = [root_channels, *channels]
@@ -37,16 +52,27 @@ class BypassLadder(nn.Module):
         )
         self.lam = nn.Parameter(torch.full((len(channels),), float(spec.lam)))
 
+    def _bring(self, project: nn.Module, state: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """`P_l(up(state))`: the previous stage's tensor at this stem's resolution and width."""
+        if state.ndim == 4 and state.shape[-2:] != like.shape[-2:]:
+            state = F.interpolate(state, size=like.shape[-2:], mode="nearest")
+        return _channels_back(project(_channels_last(state)), state)
+
     def forward(self, root: torch.Tensor, stems: list[torch.Tensor]) -> torch.Tensor:
         if len(stems) != len(self.horizontal):
             raise RuntimeError(f"bypass expected {len(self.horizontal)} stem features, got {len(stems)}")
-        xb = root
-        for lam, h, v, project, x in zip(self.lam, self.horizontal, self.vertical, self.project, stems):
-            if x.ndim == 4 and xb.shape[-2:] != x.shape[-2:]:
-                xb = F.interpolate(xb, size=x.shape[-2:], mode="nearest")
-            xb = _channels_back(project(_channels_last(xb).to(self.lam.dtype)), xb)
-            xb = x + (lam * h(x) + (1 - lam) * v(xb)).to(x.dtype)
-        return xb
+        dtype = self.lam.dtype  # the ladder runs in its own (fp32) precision whatever the backbone's
+        state = root.to(dtype)
+        correction = torch.zeros_like(state)
+        for lam, h, v, project, stem in zip(self.lam, self.horizontal, self.vertical, self.project, stems):
+            x = stem.to(dtype)
+            below = self._bring(project, state, x)
+            if self.form == "paper":
+                state = lam * (x + h(x)) + (1 - lam) * (below + v(below))
+            else:
+                correction = self._bring(project, correction, x) + lam * h(x) + (1 - lam) * v(below)
+                state = x + correction
+        return state.to(stems[-1].dtype)
 
 
 class Bypass(nn.Module):

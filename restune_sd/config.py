@@ -29,6 +29,7 @@ UNBOUND_KINDS = ("res-adapter", "res-prefix", "res-prompt")
 BOUND_KINDS = ("adapter", "prefix", "prompt")
 SITES = ("self_attn", "cross_attn", "attn", "ffn", "block")
 BACKBONES = ("unet", "vit")
+BYPASS_FORMS = ("correction", "paper")
 
 
 def _help(text: str, default=dataclasses.MISSING, default_factory=dataclasses.MISSING):
@@ -90,10 +91,14 @@ class BypassSpec:
     reduction: int = _help("with bottleneck 0: hidden width = channels // reduction", 2)
     groups: int = _help("channel groups of every adapter projection", 1)
     lam: float = _help("initial mix lambda between horizontal and vertical branches", 0.5)
+    form: str = _help("'correction' (carries x^b - x from stage to stage; equals the frozen model at init) or "
+                      "'paper' (lam*H(x) + (1-lam)*V(x^b) with identity inside H and V)", "correction")
 
     def __post_init__(self):
         if self.bottleneck < 0 or self.reduction < 1 or self.groups < 1:
             raise UserError("bypass: bottleneck must be >= 0, reduction and groups >= 1")
+        if self.form not in BYPASS_FORMS:
+            raise UserError(f"bypass: form must be one of {', '.join(BYPASS_FORMS)}, not {self.form!r}")
 
 
 @dataclass
@@ -241,15 +246,24 @@ def load_config(path) -> TuningConfig:
     return TuningConfig.from_dict(data)
 
 
-# The recipes behind each preset. SD v1.5 (16 transformer blocks: 5 at 320, 5 at 640, 6 at 1280 channels):
-#   res-tuning: Res-Adapter L=97 beside every FFN (2,485,072) + Res-Prefix l=4 beside every self-attention (99,840)
-#   bypass:     5 rungs of grouped Res-Adapters (4 groups, hidden C/2) + 1x1 projections 1280->640->320
-#   adapter:    sequential Adapter L=100 after every FFN (the paper's 2.51M)
-#   prefix:     prefix tuning l=100 on all 32 attentions (the paper's 4.99M)
-#   prompt:     prompt tuning l=100 on the 16 self-attentions (the paper's 1.25M)
-#   lora:       r=4 on to_q/to_k/to_v/to_out.0 of all 32 attentions (797,184)
-# ViT-B/16 (12 layers of 768): res-tuning = Res-Adapter L=10 (FFN) + Res-Prefix l=10 + Res-Prompt l=10 (attention);
-#   bypass = 12 horizontal + 12 vertical Res-Adapters L=10; lora = r=8 on q_proj/v_proj; linear = the head alone.
+# The recipes behind each preset, counted on the real architectures (tests/test_bypass_and_io.py checks each).
+# SD v1.5 (16 transformer blocks: 5 at 320, 5 at 640, 6 at 1280 channels), the paper's COCO2017 rows:
+#   res-tuning: Res-Adapter L=97 beside every FFN (2,435,168) + Res-Prefix l=4 beside every self-attention
+#               (99,856) = 2,535,024; a reconstruction of the paper's unpublished 2.54M recipe
+#   bypass:     5 rungs of grouped Res-Adapters (4 groups, hidden C/2) + 1x1 projections 1280->640->320 = 3,752,975;
+#               a reconstruction of the paper's 3.76M
+#   adapter:    sequential Adapter L=100 after every FFN = 2,510,096 (paper 2.51M)
+#   prefix:     prefix tuning l=100 on all 32 attentions = 4,992,000 (paper 4.99M)
+#   prompt:     prompt tuning l=100 on the 16 self-attentions = 1,248,000 (paper 1.25M)
+#   lora:       r=50 on to_q/to_k/to_v/to_out.0 of all 32 attentions = 9,964,800 (paper 9.96M); lora-r4 is the
+#               community default r=4 on the same layers (797,184)
+# ViT-B/16 (12 layers of 768); the paper's VTAB-1K rows count the head, 38,050 on average over the 19 tasks:
+#   res-tuning: Res-Adapter L=10 (FFN) + Res-Prefix l=10 + Res-Prompt l=10 (attention) = 470,172 (reconstructed)
+#   bypass:     12 horizontal + 12 vertical Res-Adapters L=10 = 387,348 (reconstructed)
+#   adapter:    Pfeiffer-style Adapter after every MLP, reduction 8 (L=96) = 1,779,852 + head = 1.82M (paper 1.82M)
+#   prompt:     VPT-Deep, l=61 prompt tokens in every layer = 562,176 + head = 0.60M (paper 0.60M; VPT picks l per task,
+#               61 is the one length with the same average budget)
+#   prefix:     prefix tuning l=10; lora: r=8 on q_proj/v_proj = 294,912; linear: the head alone
 _PRESETS = {
     "unet": {
         "res-tuning": dict(tuners=[dict(kind="res-adapter", site="ffn", dim=97), dict(kind="res-prefix", site="self_attn", dim=4)]),
@@ -257,16 +271,17 @@ _PRESETS = {
         "adapter": dict(tuners=[dict(kind="adapter", site="ffn", dim=100)]),
         "prefix": dict(tuners=[dict(kind="prefix", site="attn", dim=100)]),
         "prompt": dict(tuners=[dict(kind="prompt", site="self_attn", dim=100)]),
-        "lora": dict(lora=dict(rank=4)),
+        "lora": dict(lora=dict(rank=50)),
+        "lora-r4": dict(lora=dict(rank=4)),
         "full": dict(full=True),
     },
     "vit": {
         "res-tuning": dict(tuners=[dict(kind="res-adapter", site="ffn", dim=10), dict(kind="res-prefix", site="attn", dim=10),
                                    dict(kind="res-prompt", site="attn", dim=10)]),
         "bypass": dict(bypass=dict(bottleneck=10)),
-        "adapter": dict(tuners=[dict(kind="adapter", site="ffn", dim=10)]),
+        "adapter": dict(tuners=[dict(kind="adapter", site="ffn", dim=96)]),
         "prefix": dict(tuners=[dict(kind="prefix", site="attn", dim=10)]),
-        "prompt": dict(tuners=[dict(kind="prompt", site="attn", dim=10)]),
+        "prompt": dict(tuners=[dict(kind="prompt", site="attn", dim=61)]),
         "lora": dict(lora=dict(rank=8, targets=["q_proj", "v_proj"])),
         "full": dict(full=True),
         "linear": dict(),

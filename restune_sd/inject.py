@@ -103,16 +103,16 @@ def _add_adapters(kind: str, block: nn.Module, spec: TunerSpec, width: int):
 
 def _add_tokens(kind: str, model, block_name: str, block: nn.Module, spec: TunerSpec):
     bound = spec.kind in ("prefix", "prompt")
+    # A bound original is the exact softmax split over [tuner; frozen] keys (METHOD.md §1): no free scale.
+    gate = "lambda" if bound else spec.gate
     for attn_name, attn in _attention_layers(kind, block, spec.site):
         to_k = attn.k_proj if kind == "vit" else attn.to_k
         inner = to_k.out_features
         if spec.kind.endswith("prefix"):
-            tuner = PrefixTokens(spec.dim, inner, 1.0 if spec.scale is None else spec.scale, spec.gate)
+            tuner = PrefixTokens(spec.dim, inner, 1.0 if spec.scale is None else spec.scale, gate)
         else:
-            tuner = PromptTokens(spec.dim, to_k.in_features, 0.0 if spec.scale is None else spec.scale, spec.gate)
+            tuner = PromptTokens(spec.dim, to_k.in_features, 0.0 if spec.scale is None else spec.scale, gate)
         if kind == "vit":
-            # The bound original is the exact softmax split over [tuner; frozen] keys (METHOD.md §1).
-            tuner.gate = "lambda" if bound else tuner.gate
             heads = block.attention.config.num_attention_heads
             _site(block, "restune_attn_tokens", lambda: ViTAttentionTokens(heads).attach(attn)).tokens.append(tuner)
         else:

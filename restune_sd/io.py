@@ -22,7 +22,11 @@ from restune_sd.config import TuningConfig
 from restune_sd.errors import UserError
 from restune_sd.inject import attach, backbone_kind, unwrap
 
-FORMAT = "restune-sd-tuner/1"
+FORMAT = "restune-sd-tuner/2"
+# Format 1 (restune-sd 0.1) differs in two ways: its bypass ladder had no identity path between stages (a
+# different function of the same weights, so such tuners are refused), and its lambda-gated and bound
+# prefix/prompt tuners carried an unused scale (dropped on load).
+FORMAT_1 = "restune-sd-tuner/1"
 CONFIG_FILE = "tuner_config.json"
 WEIGHTS_FILE = "tuner.safetensors"
 # Run directories (see `restune-sd train`) keep the final tuner in this sub-folder.
@@ -96,7 +100,7 @@ def read_tuner_config(path) -> dict:
         meta = json.loads(config.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"tuner config {config} is damaged ({str(error).splitlines()[0]}): copy the tuner folder again") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, FORMAT_1):
         raise UserError(f"{path}: unknown tuner format {meta.get('format') if isinstance(meta, dict) else meta!r} (expected {FORMAT})")
     return meta
 
@@ -157,9 +161,14 @@ def load_tuner(model, path):
     if "head" in meta:
         _resize_head(backbone, meta["head"])
     state = read_weights(folder, meta)
+    if meta["format"] == FORMAT_1 and meta["tuning"].get("bypass"):
+        raise UserError(f"tuner {folder} is a bypass saved by restune-sd 0.1, whose ladder passed nothing between its "
+                        "stages; this version's ladder is another function of those weights: train the tuner again")
     attach(backbone, TuningConfig.from_dict(meta["tuning"]))
     params = dict(backbone.named_parameters())
     expected = set(backbone.restune.param_names + backbone.restune.head_names)
+    if meta["format"] == FORMAT_1:
+        state = {name: tensor for name, tensor in state.items() if name in expected or not name.endswith(".scale")}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise UserError(f"tuner {folder} does not fit this {kind}: {len(missing)} missing and {len(unexpected)} unexpected weights (e.g. {(missing or unexpected)[0]})")

@@ -61,6 +61,11 @@ class ResAdapter(nn.Module):
         return _channels_back(h, x).to(x.dtype)
 
 
+def _free_scale(scale: float, gate: str) -> nn.Parameter | None:
+    """The learnable scale `s` of a free-scale branch; gated and bound tuners mix by softmax weights and have none."""
+    return nn.Parameter(torch.tensor(float(scale))) if gate == "scale" else None
+
+
 class PrefixTokens(nn.Module):
     """Learned key/value tokens `K_pre, V_pre` (length x inner_dim) in the attention's projected space."""
 
@@ -69,7 +74,7 @@ class PrefixTokens(nn.Module):
         self.keys = nn.Parameter(torch.randn(length, inner_dim) * inner_dim**-0.5)
         # Zero values make the free-scale branch exactly zero at step 0 while the keys still get gradients later.
         self.values = nn.Parameter(torch.zeros(length, inner_dim))
-        self.scale = nn.Parameter(torch.tensor(float(scale)))
+        self.scale = _free_scale(scale, gate)
         self.gate = gate
 
     def keys_values(self, to_k: nn.Module, to_v: nn.Module, dtype: torch.dtype):
@@ -85,7 +90,7 @@ class PromptTokens(nn.Module):
     def __init__(self, length: int, input_dim: int, scale: float = 0.0, gate: str = "scale"):
         super().__init__()
         self.tokens = nn.Parameter(torch.randn(length, input_dim) * 0.02)
-        self.scale = nn.Parameter(torch.tensor(float(scale)))
+        self.scale = _free_scale(scale, gate)
         self.gate = gate
 
     def keys_values(self, to_k: nn.Module, to_v: nn.Module, dtype: torch.dtype):

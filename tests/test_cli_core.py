@@ -20,9 +20,9 @@ def test_info_json_on_the_real_sd15_architecture():
     result = runner.invoke(app, ["info", "--model", "sd15", "--tuner", "lora", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
-    assert summary["tuner_params"] == 797_184
-    assert summary["trainable_params"] == 797_184
-    assert summary["total_params"] == 859_520_964 + 797_184
+    assert summary["tuner_params"] == 9_964_800  # the paper's LoRA row: r=50 on the 32 attentions
+    assert summary["trainable_params"] == 9_964_800
+    assert summary["total_params"] == 859_520_964 + 9_964_800
     assert len(summary["modules"]) == 128  # q, k, v, out of 32 attentions
 
 
