@@ -27,9 +27,9 @@ from restune_sd.errors import UserError
 from restune_sd.files import warn, write_atomic, write_text_atomic, writing
 
 CHECKPOINTS = "checkpoints"
-# Everything `train` writes into a run directory; a folder holding only these (and no checkpoint or tuner) is an
-# attempt that stopped before its first checkpoint, which a new run may take over.
-RUN_FILES = ("config.json", "metrics.jsonl", "loss.png", "results.json", "cache.pt", CHECKPOINTS, "validation", "tensorboard")
+# What `train` writes into a run directory before its first checkpoint: a folder holding config.json and only these
+# (no checkpoint, no tuner, no results) is an attempt that stopped early, which a new run may take over.
+EARLY_RUN_FILES = ("config.json", "metrics.jsonl", "cache.pt", CHECKPOINTS, "validation", "tensorboard")
 CACHE_KEYS = "2*index+flipped"
 CHECKPOINT_KEYS = ("step", "tuner", "optimizer", "scheduler", "rng", "config", "tuning")
 # Settings a resumed run may change: they decide how long it runs, what it records and how fast, never what it learns.
@@ -225,8 +225,9 @@ def locate_run(cfg: TrainConfig) -> RunPlan:
 
 
 def abandoned_attempt(run: Path, held: list[Path]) -> bool:
-    """Only files `train` writes, and neither a checkpoint nor a finished tuner: nothing a retry could lose."""
-    if any(p.name not in RUN_FILES for p in held):
+    """Only files `train` writes before its first checkpoint, and no checkpoint: nothing a retry could lose."""
+    names = {p.name for p in held if not (p.name.startswith(".") and p.name.endswith(".tmp"))}
+    if "config.json" not in names or not names <= set(EARLY_RUN_FILES):
         return False
     return not any((run / CHECKPOINTS).glob("step-*.pt"))
 
