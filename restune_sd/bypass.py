@@ -75,47 +75,70 @@ class BypassLadder(nn.Module):
         return state.to(stems[-1].dtype)
 
 
-class Bypass(nn.Module):
-    """Attaches a BypassLadder to a backbone with hooks: grad off at `entry`, features captured at `root` and
-    `stems`, grad back on and the ladder's output substituted at `target`'s input."""
+class Tap:
+    """Keeps what one backbone forward shows a ladder: the root's input and every stem's output, in order."""
 
-    def __init__(self, ladder: BypassLadder):
+    def __init__(self):
+        self.root = None
+        self.stems = []
+
+    def attach(self, root: nn.Module, stems: list[nn.Module]) -> list:
+        return [root.register_forward_pre_hook(self._capture_root, with_kwargs=True),
+                *(stem.register_forward_hook(self._capture_stem) for stem in stems)]
+
+    def _capture_root(self, module, args, kwargs):
+        self.root, self.stems = hidden_input(args, kwargs), []
+
+    def _capture_stem(self, module, args, output):
+        self.stems.append(output[0] if isinstance(output, tuple) else output)
+
+    def take(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The features captured since the root ran; the tap is empty afterwards, so nothing outlives a forward."""
+        taken, self.root, self.stems = (self.root, self.stems), None, []
+        return taken
+
+
+class Bypass(nn.Module):
+    """Attaches a BypassLadder to a backbone with hooks: grad off at `entry`, features tapped at `root` and `stems`,
+    grad back on and the ladder's output substituted at `target`'s input.
+
+    `select` picks what the ladder runs on (ViT classifiers: the class token alone, since the ladder works token
+    by token and the head reads only that token); the substituted feature is what it returns.
+    """
+
+    def __init__(self, ladder: BypassLadder, select=None):
         super().__init__()
         self.ladder = ladder
-        self._root = None
-        self._stems = []
+        self.select = select
+        self._tap = Tap()
         self._grad_was = []
         self._handles = []
 
     def attach(self, entry: nn.Module, root: nn.Module, stems: list[nn.Module], target: nn.Module) -> "Bypass":
-        hooks = [
+        self._handles += [
             entry.register_forward_pre_hook(self._enter),
             entry.register_forward_hook(self._leave, always_call=True),
-            root.register_forward_pre_hook(self._capture_root, with_kwargs=True),
             target.register_forward_pre_hook(self._substitute),
+            *self._tap.attach(root, stems),
         ]
-        hooks += [stem.register_forward_hook(self._capture_stem) for stem in stems]
-        self._handles.extend(hooks)
         return self
+
+    def run_ladder(self, root: torch.Tensor, stems: list[torch.Tensor]) -> torch.Tensor:
+        if self.select is not None:
+            root, stems = self.select(root), [self.select(stem) for stem in stems]
+        return self.ladder(root, stems)
 
     def _enter(self, module, args):
         self._grad_was.append(torch.is_grad_enabled())
-        self._root, self._stems = None, []
+        self._tap.take()
         torch.set_grad_enabled(False)  # the backbone saves no activations and gets no gradient
-
-    def _capture_root(self, module, args, kwargs):
-        self._root = hidden_input(args, kwargs)
-
-    def _capture_stem(self, module, args, output):
-        self._stems.append(output[0] if isinstance(output, tuple) else output)
 
     def _substitute(self, module, args):
         if not self._grad_was:  # the target called on its own, outside a backbone forward
             return None
         torch.set_grad_enabled(self._grad_was[-1])
-        root, stems, self._root, self._stems = self._root, self._stems, None, []
-        return (self.ladder(root, stems), *args[1:])
+        return (self.run_ladder(*self._tap.take()), *args[1:])
 
     def _leave(self, module, args, output):
         torch.set_grad_enabled(self._grad_was.pop())
-        self._root, self._stems = None, []
+        self._tap.take()

@@ -8,6 +8,7 @@ tuners are children named `restune_*` (or a UNet attention's `processor`), LoRA 
 import re
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from restune_sd.attention import install_processor
@@ -124,12 +125,18 @@ def _width(kind: str, block: nn.Module) -> int:
     return block.attention.q_proj.in_features if kind == "vit" else block.norm1.normalized_shape[0]
 
 
+def class_token(hidden: torch.Tensor) -> torch.Tensor:
+    """A ViT classifier's head reads only the class token, and the ladder works token by token: run it on that."""
+    return hidden[:, :1]
+
+
 def _attach_bypass(kind: str, model, spec) -> None:
     if kind == "vit":
         layers = list(model.vit.layers)
         width = model.config.hidden_size
         ladder = BypassLadder(width, [width] * len(layers), spec)
-        model.restune_bypass = Bypass(ladder).attach(model.vit, layers[0], layers, model.vit.layernorm)
+        bypass = Bypass(ladder, select=class_token)
+        model.restune_bypass = bypass.attach(model.vit, layers[0], layers, model.vit.layernorm)
         return
     stems = [model.mid_block, *model.up_blocks]
     widths = [model.config.block_out_channels[-1]]

@@ -125,3 +125,15 @@ def test_the_form_travels_with_a_saved_tuner(tmp_path):
     assert loaded.restune_bypass.ladder.form == "paper"
     with torch.no_grad():
         assert torch.equal(run(loaded, inputs), expected)
+
+
+def test_vit_ladder_on_the_class_token_alone_gives_the_full_width_logits():
+    from conftest import perturb
+
+    model = attach(tiny_vit(), preset("bypass", "vit"))
+    perturb(model)
+    x = vit_inputs(batch=3)
+    with torch.no_grad():
+        logits = run(model, x)
+        model.restune_bypass.select = None  # the whole token sequence through the ladder
+        assert torch.allclose(run(model, x), logits, atol=1e-6, rtol=0)
