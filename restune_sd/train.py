@@ -516,6 +516,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> dict:
         raise UserError("--mixed-precision fp16 needs a CUDA GPU: use no or bf16 on CPU")
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
     require_writable(run)
+
     def data(resolution):
         return build_dataset(cfg.data, split=cfg.split, resolution=resolution, center_crop=cfg.center_crop,
                              random_flip=cfg.random_flip, caption_template=cfg.caption_template, seed=cfg.seed)
