@@ -8,3 +8,14 @@ from restune_sd.datasets.synthetic import make_synthetic
 from restune_sd.datasets.transforms import resize_center_crop
 
 __all__ = ["LAYOUTS", "CaptionDataset", "build_dataset", "coco_val_items", "make_synthetic", "resize_center_crop"]
+
+from restune_sd.datasets.classification import (  # noqa: E402 (classify's labelled data)
+    CLASSIFICATION_LAYOUTS, VTAB_ALIASES, VTAB_GROUPS, VTAB_TASKS, ClassificationDataset, ClassificationTransform,
+    build_classification_dataset, vtab_task,
+)
+from restune_sd.datasets.synthetic_classification import make_synthetic_classification  # noqa: E402
+
+__all__ += [
+    "CLASSIFICATION_LAYOUTS", "VTAB_ALIASES", "VTAB_GROUPS", "VTAB_TASKS", "ClassificationDataset",
+    "ClassificationTransform", "build_classification_dataset", "make_synthetic_classification", "vtab_task",
+]

@@ -1,5 +1,6 @@
-"""Readers for the fine-grained sets in their distributors' layouts (CUB, Flowers-102, Stanford Cars, FGVC-Aircraft,
-Food-101) and for generic class folders; each returns (image path, clean class name) pairs for one split."""
+"""Readers for the fine-grained sets in their distributors' layouts (CUB, NABirds, Flowers-102, Stanford Dogs, Stanford
+Cars, FGVC-Aircraft, Food-101) and for generic class folders; each returns (image path, clean class name) pairs for one
+split, and *_class_names gives a set's classes in label order."""
 
 import re
 from pathlib import Path
@@ -15,6 +16,9 @@ from restune_sd.errors import UserError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 CUB_FIX = "extract CUB_200_2011.tgz and pass the CUB_200_2011 folder (or its parent)"
+NABIRDS_FIX = "extract nabirds.tar.gz from the Cornell Lab and pass the nabirds folder (or its parent)"
+DOGS_FIX = ("extract images.tar and lists.tar from the Stanford Dogs site into ROOT (Images/ and train_list.mat, "
+            "test_list.mat in ROOT or ROOT/lists)")
 FLOWERS_FIX = "put 102flowers.tgz's jpg/ folder, imagelabels.mat and setid.mat from the Oxford VGG site in ROOT"
 CARS_FIX = "extract car_devkit.tgz, cars_train.tgz and cars_test.tgz from the Stanford Cars site into ROOT"
 CARS_TEST_FIX = "download cars_test_annos_withlabels.mat (shipped separately) into ROOT or ROOT/devkit"
@@ -28,27 +32,48 @@ def clean_class_name(raw: str) -> str:
     return " ".join(name.split())
 
 
-def read_cub(root, split: str) -> list[tuple[Path, str]]:
-    """CUB-200-2011; train_test_split.txt marks training images with 1."""
-    root = descend(require_root(root, "cub", "CUB_200_2011's images.txt and images/"), "images.txt", "CUB_200_2011")
+def cub_root(root, prefix: str = "cub", subfolder: str = "CUB_200_2011") -> Path:
+    return descend(require_root(root, prefix, f"{subfolder}'s images.txt and images/"), "images.txt", subfolder)
+
+
+def read_cub(root, split: str, prefix: str = "cub", fix: str = CUB_FIX, subfolder: str = "CUB_200_2011"
+             ) -> list[tuple[Path, str]]:
+    """CUB-200-2011 (or NABirds, which ships the same files); train_test_split.txt marks training images with 1."""
+    root = cub_root(root, prefix, subfolder)
     listing = root / "images.txt"
-    files = read_pairs(listing, "cub", CUB_FIX)
-    labels = {key: value for _, key, value in read_pairs(root / "image_class_labels.txt", "cub", CUB_FIX)}
-    is_train = {key: value for _, key, value in read_pairs(root / "train_test_split.txt", "cub", CUB_FIX)}
-    classes = {key: clean_class_name(value) for _, key, value in read_pairs(root / "classes.txt", "cub", CUB_FIX)}
-    images = require_folder(root / "images", "cub", CUB_FIX)
+    files = read_pairs(listing, prefix, fix)
+    labels = {key: value for _, key, value in read_pairs(root / "image_class_labels.txt", prefix, fix)}
+    is_train = {key: value for _, key, value in read_pairs(root / "train_test_split.txt", prefix, fix)}
+    classes = {key: clean_class_name(value) for _, key, value in read_pairs(root / "classes.txt", prefix, fix)}
+    images = require_folder(root / "images", prefix, fix)
     wanted = "1" if split == "train" else "0"
     items = []
     for number, image_id, relative in files:
         if image_id not in labels or image_id not in is_train:
-            raise UserError(f"cub: image {image_id} ({listing} line {number}) has no entry in image_class_labels.txt "
-                            f"or train_test_split.txt: {CUB_FIX}")
+            raise UserError(f"{prefix}: image {image_id} ({listing} line {number}) has no entry in "
+                            f"image_class_labels.txt or train_test_split.txt: {fix}")
         if labels[image_id] not in classes:
-            raise UserError(f"cub: image {image_id} has class {labels[image_id]}, which classes.txt lacks: {CUB_FIX}")
+            raise UserError(f"{prefix}: image {image_id} has class {labels[image_id]}, which classes.txt lacks: {fix}")
         if is_train[image_id] == wanted:
             items.append((images / relative, classes[labels[image_id]]))
-    require_images([path for path, _ in items], "cub", CUB_FIX)
+    require_images([path for path, _ in items], prefix, fix)
     return items
+
+
+def read_nabirds(root, split: str) -> list[tuple[Path, str]]:
+    """NABirds (555 classes), whose classes.txt also names the inner nodes of its hierarchy, which label no image."""
+    return read_cub(root, split, prefix="nabirds", fix=NABIRDS_FIX, subfolder="nabirds")
+
+
+def cub_class_names(root, prefix: str = "cub", fix: str = CUB_FIX, subfolder: str = "CUB_200_2011") -> list[str]:
+    """The classes.txt entries that label an image, in classes.txt order (CUB: all 200; NABirds: the 555 leaves)."""
+    root = cub_root(root, prefix, subfolder)
+    used = {value for _, _, value in read_pairs(root / "image_class_labels.txt", prefix, fix)}
+    return [clean_class_name(name) for _, key, name in read_pairs(root / "classes.txt", prefix, fix) if key in used]
+
+
+def nabirds_class_names(root) -> list[str]:
+    return cub_class_names(root, prefix="nabirds", fix=NABIRDS_FIX, subfolder="nabirds")
 
 
 def integer_vector(value, path: Path, key: str, prefix: str, fix: str) -> list[int]:
@@ -59,14 +84,15 @@ def integer_vector(value, path: Path, key: str, prefix: str, fix: str) -> list[i
 
 
 def read_flowers102(root, split: str) -> list[tuple[Path, str]]:
-    """Oxford Flowers-102; train is setid's trnid + valid (2,040 images), test is tstid (6,149 images)."""
+    """Oxford Flowers-102; train is setid's trnid + valid (2,040 images), test is tstid (6,149 images); the splits
+    trnid and valid read those halves of train alone."""
     root = descend(require_root(root, "flowers102", "jpg/, imagelabels.mat and setid.mat"), "imagelabels.mat",
                    "flowers-102")
     labels_path, setid_path = root / "imagelabels.mat", root / "setid.mat"
     labels = integer_vector(load_mat(labels_path, "flowers102", ("labels",), FLOWERS_FIX)["labels"], labels_path,
                             "labels", "flowers102", FLOWERS_FIX)
     setid = load_mat(setid_path, "flowers102", ("trnid", "valid", "tstid"), FLOWERS_FIX)
-    keys = ("trnid", "valid") if split == "train" else ("tstid",)
+    keys = {"train": ("trnid", "valid"), "trnid": ("trnid",), "valid": ("valid",)}.get(split, ("tstid",))
     ids = [i for key in keys for i in integer_vector(setid[key], setid_path, key, "flowers102", FLOWERS_FIX)]
     if any(not 1 <= i <= len(labels) for i in ids):
         raise UserError(f"flowers102: {setid_path} lists image ids outside 1..{len(labels)}, the images labelled in "
@@ -102,6 +128,52 @@ def read_cars(root, split: str) -> list[tuple[Path, str]]:
         items.append((images / str(record["fname"]), clean_class_name(names[label - 1])))
     require_images([path for path, _ in items], "cars", CARS_FIX)
     return items
+
+
+def cars_class_names(root) -> list[str]:
+    """The 196 names of devkit/cars_meta.mat in label order."""
+    meta_path = require_root(root, "cars", "devkit/, cars_train/ and cars_test/") / "devkit" / "cars_meta.mat"
+    names = np.atleast_1d(load_mat(meta_path, "cars", ("class_names",), CARS_FIX)["class_names"])
+    return [clean_class_name(str(name)) for name in names]
+
+
+def dog_breed(folder: str) -> str:
+    """'n02085782-Japanese_spaniel' -> 'Japanese spaniel'."""
+    return clean_class_name(re.sub(r"^n\d+-", "", folder))
+
+
+def dogs_class_folders(root: Path) -> list[str]:
+    """Images/'s class folders in label order (sorted WordNet ids, as the lists' labels 1..120 count them)."""
+    images = require_folder(root / "Images", "dogs", DOGS_FIX)
+    folders = sorted(p.name for p in images.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise UserError(f"dogs: {images} has no breed folders: {DOGS_FIX}")
+    return folders
+
+
+def read_dogs(root, split: str) -> list[tuple[Path, str]]:
+    """Stanford Dogs: Images/<wnid>-<breed>/, the split from train_list.mat or test_list.mat (in ROOT or ROOT/lists)."""
+    root = require_root(root, "dogs", "Images/ and the lists (train_list.mat, test_list.mat)")
+    candidates = [root / "lists" / f"{split}_list.mat", root / f"{split}_list.mat"]
+    listing = next((p for p in candidates if p.is_file()), candidates[0])
+    if not listing.is_file() and any((folder / "file_list.mat").is_file() for folder in (root, root / "lists")):
+        raise UserError(f"dogs: {listing} is missing and file_list.mat holds no train/test split: {DOGS_FIX}")
+    files = np.atleast_1d(load_mat(listing, "dogs", ("file_list",), DOGS_FIX)["file_list"])
+    folders = set(dogs_class_folders(root))
+    items = []
+    for entry in files:
+        relative = str(np.asarray(entry).squeeze())
+        folder = relative.partition("/")[0]
+        if folder not in folders:
+            raise UserError(f"dogs: {listing} lists {relative}, whose breed folder is not in {root / 'Images'}: "
+                            f"{DOGS_FIX}")
+        items.append((root / "Images" / relative, dog_breed(folder)))
+    require_images([path for path, _ in items], "dogs", DOGS_FIX)
+    return items
+
+
+def dogs_class_names(root) -> list[str]:
+    return [dog_breed(folder) for folder in dogs_class_folders(require_root(root, "dogs", "Images/ and the lists"))]
 
 
 def read_aircraft(root, split: str) -> list[tuple[Path, str]]:

@@ -123,13 +123,21 @@ def make_synthetic(layout: str, root, *, num_classes: int = 3, images_per_class:
         raise UserError(f"no synthetic layout {layout!r}: use one of {', '.join(SYNTHETIC_LAYOUTS)}")
     if num_classes < 1 or images_per_class < 2 or (layout == "flowers102" and num_classes > len(FLOWER_NAMES)):
         raise UserError("make_synthetic needs num_classes >= 1 (at most 102 for flowers102) and images_per_class >= 2")
+    return write_synthetic(WRITERS[layout], root, num_classes=num_classes, images_per_class=images_per_class, size=size,
+                           seed=seed, corrupt=corrupt)
+
+
+def write_synthetic(writer, root, *, num_classes: int, images_per_class: int, size: int, seed: int,
+                    corrupt: int) -> Path:
+    """Draw the images, let `writer(root, images, num_classes, size)` lay them out and corrupt `corrupt` of the
+    training files it returns; make_synthetic's work for any layout's writer."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     plan = split_plan(images_per_class)
     # (class, split, image) in class order; i, the position in this list, numbers the image in every layout
     images = [(k, plan[j], draw(k, rng, size)) for k in range(num_classes) for j in range(images_per_class)]
-    train_files = WRITERS[layout](root, images, num_classes, size)
+    train_files = writer(root, images, num_classes, size)
     if corrupt > len(train_files):
         raise UserError(f"cannot corrupt {corrupt} of the {len(train_files)} training images")
     for path in sorted(rng.sample(train_files, corrupt)):

@@ -1,0 +1,73 @@
+"""The base of the training datasets: image files decoded on demand, a corrupt one skipped (replaced by the next good
+index) and counted, and per-item random draws that are a pure function of (seed, epoch, index)."""
+
+import random
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from restune_sd.datasets.transforms import to_rgb
+from restune_sd.errors import UserError
+
+# The errors PIL raises for a truncated, garbage or oversized file (UnidentifiedImageError is an OSError).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def item_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The random draws of one item; a str seed goes through SHA-512, so no process-salted hash() is involved."""
+    return random.Random(f"restune-sd/{seed}/{epoch}/{index}")
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files with the corrupt-image bookkeeping; subclasses build their items in __getitem__ from decode_from().
+
+    With DataLoader workers each process keeps its own count, so items report how many corrupt images they skipped.
+    """
+
+    def __init__(self, paths: list[Path], *, name: str, seed: int = 0):
+        self.paths = [Path(path) for path in paths]
+        self.name, self.seed, self.epoch = name, seed, 0
+        self.num_corrupt = 0
+        self._corrupt_indices: set[int] = set()
+        self._first_corrupt: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def corrupt_summary(self, indices: set[int] | None = None) -> str | None:
+        """A line on the corrupt images among `indices` (default: those this process found); None if there are none."""
+        indices = self._corrupt_indices if indices is None else indices
+        if not indices:
+            return None
+        plural = "s" if len(indices) != 1 else ""
+        return f"skipped {len(indices)} corrupt image{plural} (first: {self.paths[min(indices)]})"
+
+    def decode_from(self, index: int) -> tuple[int, Image.Image, random.Random]:
+        """The first index from `index` on (wrapping round) whose image decodes, that RGB image, and its item_rng."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} is out of range for {len(self)} items")
+        for step in range(len(self)):
+            current = (index + step) % len(self)
+            if current not in self._corrupt_indices and (image := self._decode(current)) is not None:
+                return current, image, item_rng(self.seed, self.epoch, current)
+        raise UserError(f"{self.name}: none of the {len(self)} images decodes (first: {self._first_corrupt}): "
+                        "re-download or re-extract the data set")
+
+    def _decode(self, index: int) -> Image.Image | None:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                return to_rgb(image)
+        except DECODE_ERRORS as error:
+            self._corrupt_indices.add(index)
+            self.num_corrupt += 1
+            if self._first_corrupt is None:
+                self._first_corrupt = path
+                warnings.warn(f"{self.name}: skipping corrupt image {path} ({error}); later ones are skipped "
+                              "silently and counted in corrupt_summary()", stacklevel=4)
+            return None
