@@ -130,12 +130,16 @@ def class_token(hidden: torch.Tensor) -> torch.Tensor:
     return hidden[:, :1]
 
 
+def vit_ladder(model, spec) -> BypassLadder:
+    """A ViT's ladder: root = the first layer's input, one stem per layer, all at the hidden width."""
+    width = model.config.hidden_size
+    return BypassLadder(width, [width] * len(model.vit.layers), spec)
+
+
 def _attach_bypass(kind: str, model, spec) -> None:
     if kind == "vit":
         layers = list(model.vit.layers)
-        width = model.config.hidden_size
-        ladder = BypassLadder(width, [width] * len(layers), spec)
-        bypass = Bypass(ladder, select=class_token)
+        bypass = Bypass(vit_ladder(model, spec), select=class_token)
         model.restune_bypass = bypass.attach(model.vit, layers[0], layers, model.vit.layernorm)
         return
     stems = [model.mid_block, *model.up_blocks]

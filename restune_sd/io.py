@@ -140,15 +140,10 @@ def _resize_head(model, head: dict) -> None:
     model.config.label2id = {v: int(k) for k, v in head["id2label"].items()}
 
 
-def load_tuner(model, path):
-    """Attach the saved tuner at `path` (a tuner folder or a run directory) to a plain backbone and return it.
-
-    `model` is a diffusers UNet2DConditionModel, a Stable Diffusion pipeline (its UNet is tuned in place and the
-    pipeline returned) or a transformers ViTForImageClassification.
-    """
+def read_fitting_tuner(path, backbone) -> tuple[Path, dict]:
+    """The tuner folder at `path` and its config, checked to fit `backbone` (its kind and shape-defining config)."""
     folder = find_tuner_dir(path)
     meta = read_tuner_config(folder)
-    backbone = unwrap(model)
     kind = backbone_kind(backbone)
     saved = meta["backbone"]
     if saved["kind"] != kind:
@@ -158,6 +153,18 @@ def load_tuner(model, path):
     if differ:
         k = differ[0]
         raise UserError(f"tuner {folder} does not fit this {kind}: it was trained with {k}={saved['signature'][k]}, this model has {k}={here.get(k)}")
+    return folder, meta
+
+
+def load_tuner(model, path):
+    """Attach the saved tuner at `path` (a tuner folder or a run directory) to a plain backbone and return it.
+
+    `model` is a diffusers UNet2DConditionModel, a Stable Diffusion pipeline (its UNet is tuned in place and the
+    pipeline returned) or a transformers ViTForImageClassification.
+    """
+    backbone = unwrap(model)
+    kind = backbone_kind(backbone)
+    folder, meta = read_fitting_tuner(path, backbone)
     if "head" in meta:
         _resize_head(backbone, meta["head"])
     state = read_weights(folder, meta)
