@@ -141,7 +141,7 @@ def compare(out: Path, tasks: list[str], seeds: list[int], sd_steps: int, vit_st
             pretrain_steps: int) -> dict:
     """Run `tasks` ('sd', 'vit') for both forms; a task not run keeps its results from an earlier run in `out`."""
     from restune_sd.datasets import make_synthetic
-    from restune_sd.evaluation.plots import curves_png
+    from restune_sd.plots import curves_png
     from restune_sd.datasets.synthetic import PALETTE
 
     out.mkdir(parents=True, exist_ok=True)

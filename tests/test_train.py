@@ -17,7 +17,8 @@ import restune_sd.train as training
 from restune_sd.cli.main import app
 from restune_sd.datasets import build_dataset, make_synthetic
 from restune_sd.tiny import write_tiny_sd
-from restune_sd.train import Encoders, SampleStream, TrainConfig, diffusion_loss, load_components, train
+from restune_sd.loop import SampleStream, lr_factor
+from restune_sd.train import Encoders, TrainConfig, diffusion_loss, load_components, train
 
 runner = CliRunner()
 
@@ -255,5 +256,5 @@ def test_training_options(tiny, folder_data, tmp_path, name):
 
 def test_lr_schedule_counts_optimizer_steps():
     cfg = TrainConfig(model="m", data="d", tuner="t", output="o", lr_scheduler="cosine", warmup_steps=10)
-    factors = [training.lr_factor(s, cfg, 110) for s in (0, 9, 10, 60, 110)]
+    factors = [lr_factor(s, cfg, 110) for s in (0, 9, 10, 60, 110)]
     assert factors == pytest.approx([0.1, 1.0, 1.0, 0.5, 0.0])
