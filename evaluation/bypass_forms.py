@@ -193,7 +193,7 @@ def main() -> None:
     parser.add_argument("--sd-steps", type=int, default=300)
     parser.add_argument("--vit-steps", type=int, default=300)
     parser.add_argument("--last", type=int, default=50, help="steps averaged for the final loss")
-    parser.add_argument("--pretrain-steps", type=int, default=400, help="full training of each tiny backbone first")
+    parser.add_argument("--pretrain-steps", type=int, default=150, help="full training of each tiny backbone first")
     args = parser.parse_args()
     compare(args.out, args.tasks, args.seeds, args.sd_steps, args.vit_steps, args.last, args.pretrain_steps)
 
