@@ -2,6 +2,7 @@
 
 import typer
 
+from restune_sd.cli.classify import app as classify_app
 from restune_sd.cli.demo import demo
 from restune_sd.cli.info import info
 from restune_sd.cli.init_tiny import init_tiny
@@ -20,6 +21,7 @@ app.command("init-tiny")(init_tiny)
 app.command("train")(train)
 app.command("sample")(sample)
 app.command("demo", hidden=True)(demo)
+app.add_typer(classify_app, name="classify")
 for _name, _what in PENDING.items():
     app.command(_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(pending_command(_name, _what))
 from restune_sd.cli.fid import fid

@@ -12,6 +12,4 @@ def pending_command(command: str, what: str):
     return run
 
 
-PENDING = {
-    "classify": "tune a ViT image classifier",
-}
+PENDING: dict[str, str] = {}

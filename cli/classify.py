@@ -1,0 +1,123 @@
+"""`restune-sd classify train | eval | predict`: tune ViT classifiers, evaluate them, and predict with many at once."""
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from restune_sd.cli.common import user_errors
+
+app = typer.Typer(help="Tune ViT image classifiers (VTAB-1K, FGVC, class folders) and predict with many tuners at once.",
+                  no_args_is_help=True)
+
+# Options that `train` and `eval --vtab-all` share, declared once.
+Model = Annotated[str, typer.Option(help="transformers ViT folder or hub id (e.g. google/vit-base-patch16-224-in21k)")]
+Tuner = Annotated[str, typer.Option(help="res-tuning, bypass, adapter, prefix, prompt, lora, linear, full, or a YAML/JSON config")]
+Epochs = Annotated[int, typer.Option(help="passes over the training split (VTAB-1K: 100)")]
+MaxSteps = Annotated[int | None, typer.Option(help="optimizer steps (overrides --epochs)")]
+BatchSize = Annotated[int, typer.Option(help="images per process per step (VTAB-1K: 64)")]
+LearningRate = Annotated[float, typer.Option(help="AdamW learning rate (VTAB-1K: 1e-3)")]
+WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay (VTAB-1K: 1e-4)")]
+WarmupEpochs = Annotated[int, typer.Option(help="linear warm-up epochs before the cosine decay")]
+Seed = Annotated[int, typer.Option(help="seed of every random draw")]
+MixedPrecision = Annotated[str, typer.Option(help="no, fp16 (CUDA) or bf16")]
+
+
+def given_options(ctx: typer.Context, settings: dict) -> set[str]:
+    """The options typed on the command line (on --resume only those count as changes)."""
+    return {k for k in settings if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+
+
+@app.command("train")
+@user_errors
+def train(
+    ctx: typer.Context,
+    model: Model,
+    data: Annotated[str, typer.Option(help="PREFIX:ROOT: vtab:ROOT/TASK, cub, nabirds, flowers102, dogs, cars, classfolder")],
+    output: Annotated[str, typer.Option(help="new run directory (or the one to --resume)")],
+    tuner: Tuner = "res-tuning",
+    split: Annotated[str, typer.Option(help="training split (vtab: train = train800val200)")] = "train",
+    eval_split: Annotated[str, typer.Option(help="split scored at the end, with the final weights")] = "test",
+    resolution: Annotated[int | None, typer.Option(help="image size (default: the model's own, 224 for ViT-B/16)")] = None,
+    random_flip: Annotated[bool, typer.Option(help="random horizontal flips of training images")] = False,
+    max_steps: MaxSteps = None,
+    epochs: Epochs = 100,
+    batch_size: BatchSize = 64,
+    gradient_accumulation: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = 1,
+    learning_rate: LearningRate = 1e-3,
+    weight_decay: WeightDecay = 1e-4,
+    lr_scheduler: Annotated[str, typer.Option(help="constant or cosine (after warm-up)")] = "cosine",
+    warmup_epochs: WarmupEpochs = 10,
+    warmup_steps: Annotated[int, typer.Option(help="warm-up in steps (overrides --warmup-epochs when > 0)")] = 0,
+    max_grad_norm: Annotated[float, typer.Option(help="gradient clipping norm (0: off)")] = 1.0,
+    seed: Seed = 0,
+    mixed_precision: MixedPrecision = "no",
+    checkpoint_every: Annotated[int, typer.Option(help="write a resumable checkpoint every N steps (0: never)")] = 0,
+    keep_checkpoints: Annotated[int, typer.Option(help="how many checkpoints to keep")] = 2,
+    resume: Annotated[str | None, typer.Option(help="latest, or a checkpoint file, to continue --output")] = None,
+    eval_batch_size: Annotated[int, typer.Option(help="images per batch when scoring")] = 64,
+    tensorboard: Annotated[bool, typer.Option(help="also write TensorBoard logs")] = False,
+    num_workers: Annotated[int, typer.Option(help="data loader workers")] = 0,
+):
+    """Tune a frozen ViT with a tuner and a new head; writes the tuner, config, metrics, loss curve and top-1 to OUTPUT."""
+    from restune_sd.classify import ClassifyConfig, classify
+
+    settings = {k: v for k, v in locals().items() if k not in ("ctx", "ClassifyConfig", "classify")}
+    results = classify(ClassifyConfig(**settings), given=given_options(ctx, settings))
+    if results:
+        typer.echo(json.dumps(results, indent=2))
+
+
+@app.command("eval")
+@user_errors
+def evaluate(
+    model: Model,
+    tuner: Annotated[str | None, typer.Option(help="a trained tuner folder or run directory to score")] = None,
+    data: Annotated[str | None, typer.Option(help="PREFIX:ROOT to score --tuner on")] = None,
+    split: Annotated[str, typer.Option(help="split to score")] = "test",
+    vtab_all: Annotated[Path | None, typer.Option(help="train and score every VTAB-1K task folder in this folder")] = None,
+    output: Annotated[str | None, typer.Option(help="with --vtab-all: folder of the runs and the table")] = None,
+    preset: Annotated[str, typer.Option("--preset", help="with --vtab-all: the tuner to train")] = "res-tuning",
+    max_steps: MaxSteps = None,
+    epochs: Epochs = 100,
+    batch_size: BatchSize = 64,
+    learning_rate: LearningRate = 1e-3,
+    weight_decay: WeightDecay = 1e-4,
+    warmup_epochs: WarmupEpochs = 10,
+    seed: Seed = 0,
+    mixed_precision: MixedPrecision = "no",
+):
+    """Top-1 of a trained tuner on a split; or, with --vtab-all, train every VTAB-1K task and write the paper's table."""
+    from restune_sd.classify import ClassifyConfig, score_tuner, vtab_all as train_vtab_all
+    from restune_sd.errors import UserError
+
+    if vtab_all is not None:
+        if output is None:
+            raise UserError("--vtab-all needs --output, the folder for each task's run and the table")
+        cfg = ClassifyConfig(model=model, data="vtab:", tuner=preset, output=output, max_steps=max_steps, epochs=epochs,
+                             batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay,
+                             warmup_epochs=warmup_epochs, seed=seed, mixed_precision=mixed_precision)
+        typer.echo(json.dumps(train_vtab_all(cfg, vtab_all, output), indent=2))
+        return
+    if tuner is None or data is None:
+        raise UserError("pass --tuner and --data to score a trained tuner, or --vtab-all ROOT --output DIR")
+    typer.echo(json.dumps(score_tuner(model, tuner, data, split, batch_size), indent=2))
+
+
+@app.command("predict")
+@user_errors
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="image files or folders of images")],
+    model: Model,
+    tuner: Annotated[list[str], typer.Option(help="a trained tuner or run directory; repeat for several tasks")],
+    top_k: Annotated[int, typer.Option(help="how many classes to list per image and task")] = 5,
+    batch_size: Annotated[int, typer.Option(help="images per backbone forward")] = 32,
+):
+    """One JSON line per image and task; bypass tuners share one backbone forward per batch."""
+    from restune_sd.classify import predictions
+
+    for line in predictions(model, tuner, images, top_k, batch_size, notice=lambda text: typer.echo(text, err=True)):
+        typer.echo(json.dumps(line))
+        sys.stdout.flush()

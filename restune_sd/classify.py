@@ -1,0 +1,315 @@
+"""Tuning a frozen ViT classifier on labelled images: `classify(cfg) -> results` on the shared training scaffold,
+top-1 evaluation of the final model, and the VTAB-1K table (tasks, group means, mean of group means).
+
+Defaults follow the VTAB-1K protocol of METHOD.md §3: 224 px direct resize, AdamW lr 1e-3, wd 1e-4, cosine with 10
+warm-up epochs, 100 epochs, batch 64. Normalisation comes from the model's own preprocessor config.
+"""
+
+import dataclasses
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from restune_sd.bounds import MAX_RESOLUTION
+from restune_sd.errors import UserError
+from restune_sd.loop import WHOLE, Job, RunConfig, Session, fit
+
+DEFAULT_NORMALISATION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # google/vit-base-patch16-224-in21k's own
+
+
+@dataclass(kw_only=True)
+class ClassifyConfig(RunConfig):
+    """Everything a classifier tuning run depends on; written to RUN_DIR/config.json."""
+
+    model: str = field(metadata={"help": "transformers ViT folder or hub id, or vit-b16 (random weights)"})
+    data: str = field(metadata={"help": "PREFIX:ROOT labelled data (vtab:, cub:, nabirds:, flowers102:, dogs:, cars:, classfolder:)"})
+    tuner: str = "res-tuning"
+    split: str = "train"
+    eval_split: str = "test"
+    resolution: int | None = None
+    random_flip: bool = False
+    warmup_epochs: int = 10
+    eval_batch_size: int = 64
+    epochs: int = 100
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    lr_scheduler: str = "cosine"
+
+    SAFE_ON_RESUME: ClassVar[tuple[str, ...]] = RunConfig.SAFE_ON_RESUME + ("eval_split", "eval_batch_size")
+    BOUNDS: ClassVar[dict] = {**RunConfig.BOUNDS, "warmup_epochs": {**WHOLE, "minimum": 0},
+                              "eval_batch_size": {**WHOLE, "minimum": 1},
+                              "resolution": {**WHOLE, "minimum": 1, "maximum": MAX_RESOLUTION, "optional": True}}
+
+    def warmup(self, steps_per_epoch: int) -> int:
+        """Warm-up in steps: --warmup-steps if given, else --warmup-epochs whole epochs."""
+        return self.warmup_steps or self.warmup_epochs * steps_per_epoch
+
+
+def normalisation(model: str) -> tuple[tuple, tuple]:
+    """The image mean and std of a model's preprocessor config (the ViT's pretraining statistics)."""
+    config = Path(model) / "preprocessor_config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        return tuple(data.get("image_mean", DEFAULT_NORMALISATION[0])), tuple(data.get("image_std", DEFAULT_NORMALISATION[1]))
+    if not Path(model).exists() and model != "vit-b16":
+        try:
+            from transformers import AutoImageProcessor
+
+            processor = AutoImageProcessor.from_pretrained(model)
+            return tuple(processor.image_mean), tuple(processor.image_std)
+        except (OSError, ValueError, AttributeError):
+            pass
+    return DEFAULT_NORMALISATION
+
+
+def labelled_model(model: str, classes: list[str], device):
+    """The frozen ViT with a new head sized to the task (initialised from torch's RNG), its labels named."""
+    import transformers
+
+    from restune_sd.models import load_vit, quiet_loading
+
+    quiet_loading()
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the checkpoint's own head is replaced just below: no report on it
+    try:
+        vit = load_vit(model, device=str(device))
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    vit.classifier = torch.nn.Linear(vit.config.hidden_size, len(classes)).to(device)
+    vit.num_labels = vit.config.num_labels = len(classes)
+    vit.config.id2label = dict(enumerate(classes))
+    vit.config.label2id = {name: i for i, name in enumerate(classes)}
+    return vit
+
+
+def resolution_of(cfg: ClassifyConfig) -> int:
+    if cfg.resolution:
+        return cfg.resolution
+    config = Path(cfg.model) / "config.json"
+    if config.is_file():
+        return int(json.loads(config.read_text()).get("image_size", 224))
+    return 224
+
+
+def cross_entropy(model, batch: dict, step: int) -> torch.Tensor:
+    return F.cross_entropy(model(pixel_values=batch["pixel_values"]).logits.float(), batch["label"])
+
+
+@torch.no_grad()
+def top1(model, dataset, batch_size: int, device) -> float:
+    """Top-1 accuracy of `model` over every item of `dataset`, in order."""
+    was_training = model.training
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    correct = 0
+    for batch in loader:
+        logits = model(pixel_values=batch["pixel_values"].to(device)).logits
+        correct += (logits.argmax(-1).cpu() == batch["label"]).sum().item()
+    model.train(was_training)
+    return correct / len(dataset)
+
+
+def classifier_job(session: Session) -> Job:
+    """The frozen ViT with its tuner and new head, the labelled data and cross-entropy; top-1 on the eval split at the end."""
+    from restune_sd.datasets import build_classification_dataset
+    from restune_sd.inject import attach
+
+    cfg = session.cfg
+    mean, std = normalisation(cfg.model)
+    resolution = resolution_of(cfg)
+
+    def data(split: str, flip: bool):
+        return build_classification_dataset(cfg.data, split=split, resolution=resolution, mean=mean, std=std,
+                                            random_flip=flip, seed=cfg.seed)
+
+    train_set, eval_set = data(cfg.split, cfg.random_flip), data(cfg.eval_split, False)  # checked before the model loads
+    torch.manual_seed(cfg.seed)  # the new head's and the tuners' random initialisation
+    model = attach(labelled_model(cfg.model, train_set.classes, session.device), session.tuning)
+
+    def finish(tuned) -> dict:
+        return {"eval_split": cfg.eval_split, "top1": top1(tuned, eval_set, cfg.eval_batch_size, session.device),
+                "num_classes": train_set.num_classes}
+
+    preprocessing = {"resolution": resolution, "image_mean": list(mean), "image_std": list(std)}
+    return Job(model, train_set, cross_entropy, record=preprocessing, finish=finish, tuner_extra=preprocessing)
+
+
+def classify(cfg: ClassifyConfig, given: set[str] | None = None) -> dict:
+    """Tune (or resume tuning) a ViT classifier; results also in RUN_DIR/results.json, with top-1 on the eval split."""
+    return fit(cfg, "vit", classifier_job, given)
+
+
+def vtab_tasks_in(root) -> list[tuple[str, Path]]:
+    """The VTAB-1K task folders under `root` (by name or alias), in the paper's table order."""
+    from restune_sd.datasets import VTAB_TASKS, vtab_task
+
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"--vtab-all {root}: no such folder; pass the folder that holds the task folders (cifar/, dtd/, ...)")
+    found = {vtab_task(p.name): p for p in sorted(root.iterdir()) if p.is_dir() and vtab_task(p.name)}
+    if not found:
+        raise UserError(f"--vtab-all {root}: no VTAB-1K task folder in it (expected names such as cifar, dtd, svhn)")
+    return [(task, found[task]) for task in VTAB_TASKS if task in found]
+
+
+def vtab_all(cfg: ClassifyConfig, root, out) -> dict:
+    """Train and evaluate every VTAB-1K task under `root` into `out/TASK`, then write the paper-style table."""
+    rows = {}
+    for task, folder in vtab_tasks_in(root):
+        run = Path(out) / task
+        done = run / "results.json"
+        if done.is_file():  # a finished task of an interrupted sweep is not trained again
+            rows[task] = json.loads(done.read_text())
+            continue
+        rows[task] = classify(dataclasses.replace(cfg, data=f"vtab:{folder}", output=str(run)))
+    return write_vtab_table(rows, out, cfg.tuner)
+
+
+def write_vtab_table(rows: dict[str, dict], out, tuner: str) -> dict:
+    """`vtab.md` and `vtab.json`: each task's top-1, the group means and the mean of group means (Table 1's layout)."""
+    from restune_sd.datasets import VTAB_GROUPS, VTAB_TASKS
+    from restune_sd.files import write_text_atomic
+
+    accuracy = {task: 100 * row["top1"] for task, row in rows.items()}
+    groups = {g: statistics.fmean(accuracy[t] for t in accuracy if VTAB_TASKS[t][1] == g)
+              for g in VTAB_GROUPS if any(VTAB_TASKS[t][1] == g for t in accuracy)}
+    params = {row["tuner_params"] for row in rows.values()}
+    table = {"tuner": tuner, "tasks": accuracy, "group_means": groups,
+             "mean_of_group_means": statistics.fmean(groups.values()), "all_mean": statistics.fmean(accuracy.values()),
+             "tuner_params": sorted(params)[0] if len(params) == 1 else sorted(params),
+             "mean_head_params": statistics.fmean(row["head_params"] for row in rows.values())}
+    tasks = list(accuracy)
+    lines = ["| tuner | " + " | ".join(tasks) + " | " + " | ".join(groups) + " | group mean | tuner params (M) |",
+             "|---" * (len(tasks) + len(groups) + 3) + "|",
+             f"| {tuner} | " + " | ".join(f"{accuracy[t]:.1f}" for t in tasks) + " | "
+             + " | ".join(f"{v:.2f}" for v in groups.values()) + f" | {table['mean_of_group_means']:.2f} | "
+             + (f"{table['tuner_params'] / 1e6:.2f}" if len(params) == 1 else "varies") + " |"]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "vtab.md", "\n".join(lines) + "\n")
+    write_text_atomic(out / "vtab.json", json.dumps(table, indent=2) + "\n")
+    return table
+
+
+def tuned_classifier(model: str, tuner: str, device="cpu"):
+    """A ViT with a trained tuner and its head, and the preprocessing it was trained with (from the tuner's config)."""
+    from restune_sd.io import load_tuner, read_tuner_config
+
+    meta = read_tuner_config(tuner)
+    if "head" not in meta:
+        raise UserError(f"{tuner} is a tuner without a classification head (a Stable Diffusion tuner?): pass a classify run")
+    vit = labelled_model(model, [str(i) for i in range(meta["head"]["num_labels"])], device)
+    vit = load_tuner(vit, tuner).eval()
+    mean, std = normalisation(model)
+    preprocessing = {"resolution": meta.get("resolution", resolution_of_model(model)),
+                     "image_mean": tuple(meta.get("image_mean", mean)), "image_std": tuple(meta.get("image_std", std))}
+    return vit, preprocessing
+
+
+def resolution_of_model(model: str) -> int:
+    config = Path(model) / "config.json"
+    return int(json.loads(config.read_text()).get("image_size", 224)) if config.is_file() else 224
+
+
+def score_tuner(model: str, tuner: str, data: str, split: str, batch_size: int) -> dict:
+    """Top-1 of a trained tuner on a split of `data`; a head trained for another class count is refused."""
+    from restune_sd.datasets import build_classification_dataset
+
+    vit, prep = tuned_classifier(model, tuner)
+    dataset = build_classification_dataset(data, split=split, resolution=prep["resolution"], mean=prep["image_mean"],
+                                           std=prep["image_std"])
+    if dataset.num_classes != vit.config.num_labels:
+        raise UserError(f"tuner {tuner} was trained for {vit.config.num_labels} classes, {data} has {dataset.num_classes}: "
+                        "score it on the data it was trained for")
+    return {"tuner": str(tuner), "data": data, "split": split, "images": len(dataset),
+            "top1": top1(vit, dataset, batch_size, "cpu")}
+
+
+def image_files(paths: list[Path]) -> list[Path]:
+    """The images named, with each folder's images in sorted order; none at all is a UserError."""
+    from restune_sd.datasets.finegrained import IMAGE_SUFFIXES
+
+    files = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"{path} does not exist: pass image files or folders of images")
+    if not files:
+        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, paths))}: pass image files or folders")
+    return files
+
+
+def task_names(tuners: list[str]) -> dict[str, str]:
+    """Each tuner's task name: its folder's name (a run directory's, for a run's tuner/); names must differ."""
+    from restune_sd.io import find_tuner_dir
+
+    names = {}
+    for tuner in tuners:
+        folder = find_tuner_dir(tuner)
+        name = folder.parent.name if folder.name == "tuner" else folder.name
+        if name in names:
+            raise UserError(f"two tuners are named {name!r} ({names[name]} and {tuner}): give each task its own folder name")
+        names[name] = tuner
+    return names
+
+
+def predictions(model: str, tuners: list[str], paths: list[Path], top_k: int, batch_size: int, notice=print):
+    """One dict per image and task: the predicted label, its class name and the top-k scores. Bypass tuners share one
+    backbone forward per batch; others run alone (`notice` says so once)."""
+    from PIL import Image
+
+    from restune_sd.datasets import ClassificationTransform
+    from restune_sd.datasets.image_files import DECODE_ERRORS
+    from restune_sd.datasets.transforms import to_rgb
+    from restune_sd.io import read_tuner_config
+    from restune_sd.models import load_vit, quiet_loading
+    from restune_sd.multitask import MultiTask
+
+    if top_k < 1 or batch_size < 1:
+        raise UserError(f"--top-k and --batch-size must be at least 1 (got {top_k} and {batch_size})")
+    files = image_files(paths)
+    names = task_names(tuners)
+    preps = {json.dumps([read_tuner_config(t).get(k) for k in ("resolution", "image_mean", "image_std")]) for t in tuners}
+    if len(preps) > 1:
+        raise UserError("these tuners were trained at different resolutions or normalisations: predict with each separately")
+    meta = read_tuner_config(tuners[0])
+    mean, std = normalisation(model)
+    transform = ClassificationTransform(meta.get("resolution") or resolution_of_model(model),
+                                        meta.get("image_mean") or mean, meta.get("image_std") or std)
+    quiet_loading()
+    multi = MultiTask(load_vit(model), names)
+    if multi.separate:
+        notice(f"note: {len(multi.separate)} of {len(multi.tasks)} tuners are not bypass tuners "
+               f"({', '.join(t.name for t in multi.separate)}): each runs its own backbone pass")
+    unreadable = []
+    for start in range(0, len(files), batch_size):
+        batch, pixels = [], []
+        for path in files[start:start + batch_size]:
+            try:
+                with Image.open(path) as image:
+                    pixels.append(transform(to_rgb(image)))
+                batch.append(path)
+            except DECODE_ERRORS:
+                unreadable.append(path)
+        if not batch:
+            continue
+        logits = multi(torch.stack(pixels))
+        for i, path in enumerate(batch):
+            for task in multi.tasks:
+                scores = logits[task.name][i].float().softmax(-1)
+                best = scores.topk(min(top_k, scores.numel()))
+                yield {"image": str(path), "task": task.name, "label": int(best.indices[0]),
+                       "class": task.id2label[int(best.indices[0])],
+                       "top_k": [{"label": int(j), "class": task.id2label[int(j)], "score": round(float(p), 6)}
+                                 for p, j in zip(best.values, best.indices)]}
+    if unreadable:
+        notice(f"warning: skipped {len(unreadable)} unreadable image(s) (first: {unreadable[0]})")
