@@ -2,7 +2,7 @@
 
 Image i has its own generator seeded with `seed + i`, so a single image with `--seed S` is exactly what a stock
 pipeline gives with `generator=torch.Generator(device).manual_seed(S)`, whatever the batch size or the number
-of processes. Each PNG is written atomically; an interrupted job skips the images it already has, and only a job
+of processes, up to float rounding (batched attention can differ by 1/255 on a few pixels). Each PNG is written atomically; an interrupted job skips the images it already has, and only a job
 with the same model, tuner (by content), prompts (by content) and settings counts as the same job.
 """
 
