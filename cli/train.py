@@ -14,7 +14,7 @@ def train(
     model: Annotated[str, typer.Option(help="diffusers Stable Diffusion pipeline folder or hub id")],
     data: Annotated[str, typer.Option(help="PREFIX:ROOT: coco, cub, flowers102, cars, aircraft, food101, classfolder, folder")],
     output: Annotated[str, typer.Option(help="new run directory (or the one to --resume)")],
-    tuner: Annotated[str, typer.Option(help="res-tuning, bypass, adapter, prefix, prompt, lora, full, or a YAML/JSON config")] = "res-tuning",
+    tuner: Annotated[str, typer.Option(help="res-tuning, bypass, adapter, prefix, prompt, lora (r=50, the paper's), lora-r4, full, or a YAML/JSON config")] = "res-tuning",
     split: Annotated[str, typer.Option(help="data split: train, or val/test where the layout has it")] = "train",
     resolution: Annotated[int | None, typer.Option(help="image size (default: the model's own, 512 for SD v1.5)")] = None,
     center_crop: Annotated[bool, typer.Option(help="centre crop (--no-center-crop: random crop)")] = True,

@@ -424,7 +424,7 @@ def fit(cfg: RunConfig, backbone: str, build: Callable[[Session], Job], given: s
     """
     plan, session = start(cfg, backbone, early_files, given)
     job = build(session)
-    cfg, accelerator, run = session.cfg, session.accelerator, plan.run
+    cfg, accelerator = session.cfg, session.accelerator
     model = job.model
     keep_trainables_fp32(model, session.tuning, session.dtype)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -1,6 +1,7 @@
 """Tiny backbones built from configs (no files, no downloads) and small helpers shared by the tests."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,6 +56,16 @@ def perturb(model, seed: int = 3, std: float = 0.05):
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+class RunsCode:
+    """Pickles to a call that writes `marker`: loading it with weights_only=False would run that code."""
+
+    def __init__(self, marker):
+        self.marker = Path(marker)
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ float images (issue 8)."""
 
 import errno
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,21 +10,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import RunsCode
 from restune_sd.cli.main import app
 from restune_sd.datasets import CaptionDataset
 from restune_sd.evaluation.fid import load_image, write_random_inception_weights
 
 runner = CliRunner()
-
-
-class RunsCode:
-    """Pickles to a call that writes `marker`: loading it with weights_only=False would run that code."""
-
-    def __init__(self, marker):
-        self.marker = Path(marker)
-
-    def __reduce__(self):
-        return (Path.write_text, (self.marker, "code ran"))
 
 
 @pytest.fixture(scope="module")

@@ -10,22 +10,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import RunsCode
 from restune_sd.cli.main import app
 from restune_sd.datasets import make_synthetic
 from restune_sd.tiny import write_tiny_sd
 from restune_sd.train import TrainConfig, train
 
 runner = CliRunner()
-
-
-class RunsCode:
-    """Pickles to a call that writes `marker`: loading it with weights_only=False would run that code."""
-
-    def __init__(self, marker):
-        self.marker = Path(marker)
-
-    def __reduce__(self):
-        return (Path.write_text, (self.marker, "code ran"))
 
 
 @pytest.fixture(scope="module")
