@@ -15,6 +15,6 @@ def demo(
     images: Annotated[int, typer.Option(help="images sampled per tuner")] = 16,
 ):
     """Tiny model -> train Res-Tuning, Bypass and LoRA -> sample -> FID -> a summary table (offline, CPU)."""
-    from restune_sd.demo import run_demo
+    from restune_sd.evaluation.demo import run_demo
 
     run_demo(out, steps, images)
