@@ -74,6 +74,8 @@ def save_tuner(model, path, extra: dict | None = None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         save_file(state, str(staging / WEIGHTS_FILE))
+        if model.restune.config.lora and model.restune.backbone == "unet":
+            write_diffusers_lora(model, staging)
         meta["weights_sha256"] = hashlib.sha256((staging / WEIGHTS_FILE).read_bytes()).hexdigest()
         (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if path.exists():
@@ -83,6 +85,19 @@ def save_tuner(model, path, extra: dict | None = None) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
+
+
+def write_diffusers_lora(unet, folder: Path) -> None:
+    """The LoRA also as diffusers writes it (`pytorch_lora_weights.safetensors`, its alpha in the metadata), so a stock
+    pipeline's `load_lora_weights(folder)` applies it with no other argument."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    metadata = unet.peft_config["default"].to_dict()
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata,
+                                              safe_serialization=True)
 
 
 def find_tuner_dir(path) -> Path:
