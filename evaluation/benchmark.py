@@ -1,5 +1,5 @@
-"""Benchmark on the real architectures (random weights): tuner params, activation memory kept for backward,
-and seconds per forward+backward, for each preset. Prints figures; asserts nothing.
+"""Benchmark on the real architectures (random weights): tuner params, activation memory kept for backward (the
+frozen weights excluded), and seconds per forward+backward, for each preset. Prints figures; asserts nothing.
 
     python -m restune_sd.evaluation.benchmark --arch sd15 --latent 32 --batch 1
 """
@@ -34,7 +34,7 @@ def measure(arch: str, tuner: str, batch: int, size: int, device, repeats: int) 
     model = attach(build_architecture(arch, device="cpu").to(device), preset(tuner, kind)).train()
     summary = parameter_summary(model)
     inputs = inputs_for(arch, batch, size, device)
-    activation_mb = saved_activation_bytes(lambda: output_of(model, arch, inputs)) / 2**20
+    activation_mb = saved_activation_bytes(lambda: output_of(model, arch, inputs), model) / 2**20
     timings = []
     for _ in range(repeats + 1):  # the first pass warms up
         if device.type == "cuda":

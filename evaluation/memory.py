@@ -7,13 +7,19 @@ memory Res-Tuning-Bypass saves by running the backbone without autograd.
 import torch
 
 
-def saved_activation_bytes(forward) -> int:
-    """Bytes of the distinct tensors autograd saves while `forward()` runs (shared storages counted once)."""
+def saved_activation_bytes(forward, model: torch.nn.Module | None = None) -> int:
+    """Bytes of the distinct tensors autograd saves while `forward()` runs (shared storages counted once).
+
+    Linear and conv layers save their weight for the input's gradient; those storages are `model`'s parameters,
+    held anyway, so they are left out: what remains is the memory training adds.
+    """
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()} if model is not None else set()
     storages = {}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -28,4 +34,4 @@ def unet_training_activation_mb(unet, batch: int, latent_size: int, text_tokens:
     latents = torch.randn(batch, unet.config.in_channels, latent_size, latent_size, generator=g).to(device)
     context = torch.randn(batch, text_tokens, unet.config.cross_attention_dim, generator=g).to(device)
     timesteps = torch.full((batch,), 500, device=device)
-    return saved_activation_bytes(lambda: unet(latents, timesteps, context).sample) / 2**20
+    return saved_activation_bytes(lambda: unet(latents, timesteps, context).sample, unet) / 2**20
