@@ -130,7 +130,11 @@ def classifier_job(session: Session) -> Job:
 
     train_set, eval_set = data(cfg.split, cfg.random_flip), data(cfg.eval_split, False)  # checked before the model loads
     torch.manual_seed(cfg.seed)  # the new head's and the tuners' random initialisation
-    model = attach(labelled_model(cfg.model, train_set.classes, session.device), session.tuning)
+    vit = labelled_model(cfg.model, train_set.classes, session.device)
+    if vit.config.image_size != resolution:  # its position embeddings are for one image size
+        raise UserError(f"--resolution {resolution} does not fit {cfg.model}, which takes {vit.config.image_size} px images: "
+                        "leave --resolution out")
+    model = attach(vit, session.tuning)
 
     def finish(tuned) -> dict:
         return {"eval_split": cfg.eval_split, "top1": top1(tuned, eval_set, cfg.eval_batch_size, session.device),

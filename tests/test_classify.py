@@ -141,3 +141,10 @@ def test_bad_predict_input_is_one_line(vit, learnable, tmp_path):
         result = runner.invoke(app, ["classify", "predict", *extra, "--model", vit, "--tuner", str(tmp_path / "task")])
         assert result.exit_code == 2, result.output
         assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
+
+
+def test_a_resolution_the_vit_cannot_take_is_one_line_and_writes_nothing(vit, learnable, tmp_path):
+    result = runner.invoke(app, ["classify", "train", "--model", vit, "--data", learnable, "--output", str(tmp_path / "run"),
+                                 "--resolution", "48", "--max-steps", "1"])
+    assert result.exit_code == 2 and "takes 32 px images" in result.stderr
+    assert not (tmp_path / "run").exists()
