@@ -68,19 +68,24 @@ def normalisation(model: str) -> tuple[tuple, tuple]:
     return DEFAULT_NORMALISATION
 
 
-def labelled_model(model: str, classes: list[str], device):
-    """The frozen ViT with a new head sized to the task (initialised from torch's RNG), its labels named."""
+def frozen_vit(model: str, device="cpu"):
+    """The ViT as saved, loaded without progress bars or a report on its head (every caller replaces the head)."""
     import transformers
 
     from restune_sd.models import load_vit, quiet_loading
 
     quiet_loading()
     verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the checkpoint's own head is replaced just below: no report on it
+    transformers.logging.set_verbosity_error()
     try:
-        vit = load_vit(model, device=str(device))
+        return load_vit(model, device=str(device))
     finally:
         transformers.logging.set_verbosity(verbosity)
+
+
+def labelled_model(model: str, classes: list[str], device):
+    """The frozen ViT with a new head sized to the task (initialised from torch's RNG), its labels named."""
+    vit = frozen_vit(model, device)
     vit.classifier = torch.nn.Linear(vit.config.hidden_size, len(classes)).to(device)
     vit.num_labels = vit.config.num_labels = len(classes)
     vit.config.id2label = dict(enumerate(classes))
@@ -88,13 +93,10 @@ def labelled_model(model: str, classes: list[str], device):
     return vit
 
 
-def resolution_of(cfg: ClassifyConfig) -> int:
-    if cfg.resolution:
-        return cfg.resolution
-    config = Path(cfg.model) / "config.json"
-    if config.is_file():
-        return int(json.loads(config.read_text()).get("image_size", 224))
-    return 224
+def model_resolution(model: str) -> int:
+    """The image side a ViT folder's config names; 224 (ViT-B/16's) for a hub id or `vit-b16`."""
+    config = Path(model) / "config.json"
+    return int(json.loads(config.read_text()).get("image_size", 224)) if config.is_file() else 224
 
 
 def cross_entropy(model, batch: dict, step: int) -> torch.Tensor:
@@ -122,7 +124,7 @@ def classifier_job(session: Session) -> Job:
 
     cfg = session.cfg
     mean, std = normalisation(cfg.model)
-    resolution = resolution_of(cfg)
+    resolution = cfg.resolution or model_resolution(cfg.model)
 
     def data(split: str, flip: bool):
         return build_classification_dataset(cfg.data, split=split, resolution=resolution, mean=mean, std=std,
@@ -201,31 +203,26 @@ def write_vtab_table(rows: dict[str, dict], out, tuner: str) -> dict:
     return table
 
 
-def tuned_classifier(model: str, tuner: str, device="cpu"):
-    """A ViT with a trained tuner and its head, and the preprocessing it was trained with (from the tuner's config)."""
-    from restune_sd.io import load_tuner, read_tuner_config
+def trained_preprocessing(model: str, tuner: str) -> dict:
+    """The resolution and normalisation a classify tuner was trained with (its config; the model's own otherwise)."""
+    from restune_sd.io import read_tuner_config
 
     meta = read_tuner_config(tuner)
     if "head" not in meta:
         raise UserError(f"{tuner} is a tuner without a classification head (a Stable Diffusion tuner?): pass a classify run")
-    vit = labelled_model(model, [str(i) for i in range(meta["head"]["num_labels"])], device)
-    vit = load_tuner(vit, tuner).eval()
     mean, std = normalisation(model)
-    preprocessing = {"resolution": meta.get("resolution", resolution_of_model(model)),
-                     "image_mean": tuple(meta.get("image_mean", mean)), "image_std": tuple(meta.get("image_std", std))}
-    return vit, preprocessing
-
-
-def resolution_of_model(model: str) -> int:
-    config = Path(model) / "config.json"
-    return int(json.loads(config.read_text()).get("image_size", 224)) if config.is_file() else 224
+    return {"resolution": meta.get("resolution") or model_resolution(model),
+            "image_mean": tuple(meta.get("image_mean") or mean), "image_std": tuple(meta.get("image_std") or std)}
 
 
 def score_tuner(model: str, tuner: str, data: str, split: str, batch_size: int) -> dict:
     """Top-1 of a trained tuner on a split of `data`; a head trained for another class count is refused."""
     from restune_sd.datasets import build_classification_dataset
 
-    vit, prep = tuned_classifier(model, tuner)
+    from restune_sd.io import load_tuner
+
+    prep = trained_preprocessing(model, tuner)
+    vit = load_tuner(frozen_vit(model), tuner).eval()
     dataset = build_classification_dataset(data, split=split, resolution=prep["resolution"], mean=prep["image_mean"],
                                            std=prep["image_std"])
     if dataset.num_classes != vit.config.num_labels:
@@ -274,23 +271,17 @@ def predictions(model: str, tuners: list[str], paths: list[Path], top_k: int, ba
     from restune_sd.datasets import ClassificationTransform
     from restune_sd.datasets.image_files import DECODE_ERRORS
     from restune_sd.datasets.transforms import to_rgb
-    from restune_sd.io import read_tuner_config
-    from restune_sd.models import load_vit, quiet_loading
     from restune_sd.multitask import MultiTask
 
     if top_k < 1 or batch_size < 1:
         raise UserError(f"--top-k and --batch-size must be at least 1 (got {top_k} and {batch_size})")
     files = image_files(paths)
     names = task_names(tuners)
-    preps = {json.dumps([read_tuner_config(t).get(k) for k in ("resolution", "image_mean", "image_std")]) for t in tuners}
-    if len(preps) > 1:
+    preps = [trained_preprocessing(model, tuner) for tuner in tuners]
+    if any(prep != preps[0] for prep in preps):
         raise UserError("these tuners were trained at different resolutions or normalisations: predict with each separately")
-    meta = read_tuner_config(tuners[0])
-    mean, std = normalisation(model)
-    transform = ClassificationTransform(meta.get("resolution") or resolution_of_model(model),
-                                        meta.get("image_mean") or mean, meta.get("image_std") or std)
-    quiet_loading()
-    multi = MultiTask(load_vit(model), names)
+    transform = ClassificationTransform(preps[0]["resolution"], preps[0]["image_mean"], preps[0]["image_std"])
+    multi = MultiTask(frozen_vit(model), names)
     if multi.separate:
         notice(f"note: {len(multi.separate)} of {len(multi.tasks)} tuners are not bypass tuners "
                f"({', '.join(t.name for t in multi.separate)}): each runs its own backbone pass")

@@ -27,6 +27,7 @@ from restune_sd.bounds import check_bounds, require_number
 from restune_sd.config import TuningConfig, resolve_tuner
 from restune_sd.errors import UserError
 from restune_sd.files import warn, write_atomic, write_text_atomic, writing
+from restune_sd.summary import parameter_summary
 
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_KEYS = ("step", "tuner", "optimizer", "scheduler", "rng", "config", "tuning")
@@ -93,7 +94,7 @@ class Job:
     model: torch.nn.Module  # tuner attached; the trainable parameters are those that require grad
     dataset: torch.utils.data.Dataset  # items with "index" and "skipped" (corrupt images passed over)
     loss: Callable[[torch.nn.Module, dict, int], torch.Tensor]  # (model, batch, step) -> scalar loss
-    record: dict = field(default_factory=dict)  # more fields for config.json
+    record: dict = field(default_factory=dict)  # more fields for config.json and results.json
     on_checkpoint: Callable[[], None] | None = None  # e.g. persist caches with each checkpoint
     on_step: Callable[[int, Path | None], None] | None = None  # main process, after each step (step, last checkpoint)
     finish: Callable[[torch.nn.Module], dict] | None = None  # main process, after training: more results
@@ -439,6 +440,8 @@ def fit(cfg: RunConfig, backbone: str, build: Callable[[Session], Job], given: s
     first = restore(plan, model, optimizer, scheduler)
     if first >= total_steps:
         raise UserError(f"--resume: the run already reached step {first} of {total_steps}; raise --max-steps to go on")
+    summary = parameter_summary(job.model)
+    job.record.update({k: summary[k] for k in ("tuner_params", "head_params", "trainable_params", "total_params")})
     open_run(plan, session, job, total_steps)
     loader = torch.utils.data.DataLoader(
         SampleStream(job.dataset, cfg.seed), num_workers=cfg.num_workers,
@@ -467,8 +470,6 @@ def restore(plan: RunPlan, model, optimizer, scheduler) -> int:
 
 def open_run(plan: RunPlan, session: Session, job: Job, total_steps: int) -> None:
     """The first write: everything before it failed without leaving anything behind. config.json records the run."""
-    from restune_sd.summary import parameter_summary
-
     accelerator = session.accelerator
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -476,10 +477,8 @@ def open_run(plan: RunPlan, session: Session, job: Job, total_steps: int) -> Non
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         with writing(plan.run, "choose an --output where you can write"):
             plan.run.mkdir(parents=True, exist_ok=True)
-        summary = parameter_summary(job.model)
         record = {**dataclasses.asdict(session.cfg), "tuning": session.tuning.to_dict(), **job.record,
-                  "num_processes": accelerator.num_processes, "dataset_size": len(job.dataset), "total_steps": total_steps,
-                  **{k: summary[k] for k in ("tuner_params", "head_params", "trainable_params", "total_params")}}
+                  "num_processes": accelerator.num_processes, "dataset_size": len(job.dataset), "total_steps": total_steps}
         write_text_atomic(plan.run / "config.json", json.dumps(record, indent=2) + "\n")
     accelerator.wait_for_everyone()
 
@@ -561,7 +560,6 @@ def finish(plan, session, job, history, last_checkpoint, corrupt, total_steps: i
 
     from restune_sd.io import save_tuner
     from restune_sd.plots import loss_curve_png
-    from restune_sd.summary import parameter_summary
 
     accelerator, run, cfg = session.accelerator, plan.run, session.cfg
     corrupt = set().union(*gather_object([corrupt]))
@@ -580,13 +578,11 @@ def finish(plan, session, job, history, last_checkpoint, corrupt, total_steps: i
         with writing(run / "loss.png", hint):
             loss_curve_png([h["step"] for h in history], [h["loss"] for h in history], run / "loss.png")
         timed = [h["seconds_per_step"] for h in history[1:]] or [h["seconds_per_step"] for h in history]
-        summary = parameter_summary(job.model)
         results = {
             "steps": total_steps, "final_loss": history[-1]["loss"] if history else None,
             "mean_loss_last_10": sum(h["loss"] for h in history[-10:]) / max(1, len(history[-10:])),
             "seconds_per_step": sum(timed) / max(1, len(timed)), "peak_memory_mb": max(h["peak_memory_mb"] for h in history),
             "wall_seconds": seconds, "tuner_dir": str(tuner_dir), "num_processes": accelerator.num_processes, **job.record,
-            **{k: summary[k] for k in ("tuner_params", "head_params", "trainable_params", "total_params")},
         }
         if job.finish:
             results.update(job.finish(job.model))
