@@ -1,6 +1,9 @@
 """Tiny backbones built from configs (no files, no downloads) and small helpers shared by the tests."""
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,6 +69,21 @@ class RunsCode:
 
     def __reduce__(self):
         return (Path.write_text, (self.marker, "code ran"))
+
+
+
+def launched_in_two_processes(args: list[str], output, batch_size: int) -> dict:
+    """`restune-sd ARGS` run under `accelerate launch` as two CPU processes into `output`; its tuner's tensors."""
+    from safetensors.torch import load_file
+
+    cli, accelerate = (str(Path(sys.executable).with_name(name)) for name in ("restune-sd", "accelerate"))
+    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", cli, *args, "--output", str(output), "--batch-size", str(batch_size)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((Path(output) / "results.json").read_text())["num_processes"] == 2
+    return load_file(str(Path(output) / "tuner" / "tuner.safetensors"))
 
 
 @pytest.fixture

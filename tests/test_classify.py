@@ -2,13 +2,11 @@
 eval and the VTAB table, multi-task predict, and bad input in one line."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import launched_in_two_processes
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -74,18 +72,10 @@ def test_resume_ends_bit_equal_to_an_uninterrupted_run(vit, learnable, tmp_path)
 
 
 def test_two_processes_match_one_process_with_the_combined_batch(vit, learnable, tmp_path):
-    cli = str(Path(sys.executable).with_name("restune-sd"))
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
     args = ["classify", "train", "--model", vit, "--data", learnable, "--tuner", "bypass", "--max-steps", "3",
             "--warmup-epochs", "0"]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", cli, *args, "--output", str(tmp_path / "two"), "--batch-size", "4"]
-    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads((tmp_path / "two" / "results.json").read_text())["num_processes"] == 2
+    a = launched_in_two_processes(args, tmp_path / "two", batch_size=4)
     classify(config(vit, learnable, tmp_path / "one", max_steps=3, batch_size=8))
-    a = load_file(str(tmp_path / "two" / "tuner" / "tuner.safetensors"))
     b = load_file(str(tmp_path / "one" / "tuner" / "tuner.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 

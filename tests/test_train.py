@@ -2,14 +2,12 @@
 two processes, and each bad input's one-line message."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import launched_in_two_processes
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -127,17 +125,9 @@ def test_checkpoints_keep_the_last_k(tiny, folder_data, tmp_path):
 
 
 def test_two_processes_match_one_process_with_the_combined_batch(tiny, folder_data, tmp_path):
-    cli = str(Path(sys.executable).with_name("restune-sd"))
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
     args = ["train", "--model", tiny, "--data", folder_data, "--tuner", "res-tuning", "--max-steps", "3", "--learning-rate", "1e-3"]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", cli, *args, "--output", str(tmp_path / "two"), "--batch-size", "2"]
-    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads((tmp_path / "two" / "results.json").read_text())["num_processes"] == 2
+    a = launched_in_two_processes(args, tmp_path / "two", batch_size=2)
     train(config(tiny, folder_data, tmp_path / "one", max_steps=3, batch_size=4))
-    a = load_file(str(tmp_path / "two" / "tuner" / "tuner.safetensors"))
     b = load_file(str(tmp_path / "one" / "tuner" / "tuner.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
 
