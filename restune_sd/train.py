@@ -26,13 +26,21 @@ class TrainConfig(RunConfig):
     """Everything a training run depends on; written to RUN_DIR/config.json."""
 
     model: str = field(metadata={"help": "diffusers SD pipeline folder or hub id"})
-    data: str = field(metadata={"help": "PREFIX:ROOT data spec (coco:, cub:, flowers102:, cars:, aircraft:, food101:, classfolder:, folder:)"})
+    data: str = field(metadata={"help": "PREFIX:ROOT data spec (coco:, cub:, flowers102:, cars:, aircraft:, food101:, classfolder:, folder:, kohya:, hf:)"})
     tuner: str = field(metadata={"help": "preset name or YAML/JSON tuner config"})
     split: str = "train"
     resolution: int | None = None
     center_crop: bool = True
     random_flip: bool = False
     caption_template: str = "a photo of a {}"
+    caption_extension: str = field(default=".txt", metadata={"help": "kohya: caption files' extension"})
+    image_column: str = field(default="image", metadata={"help": "hf: the column holding the images"})
+    caption_column: str = field(default="text", metadata={"help": "hf: the column holding the captions"})
+    caption_dropout: float = field(default=0.0, metadata={"help": "probability a sample's caption is replaced by \"\""})
+    buckets: bool = field(default=False, metadata={"help": "aspect-ratio buckets of about resolution^2 pixels"})
+    bucket_step: int = field(default=64, metadata={"help": "bucket sides are multiples of this many pixels"})
+    bucket_min_side: int | None = field(default=None, metadata={"help": "shortest bucket side (default resolution/2)"})
+    bucket_max_side: int | None = field(default=None, metadata={"help": "longest bucket side (default resolution*2)"})
     prediction_type: str | None = None
     snr_gamma: float | None = None
     noise_offset: float = 0.0
@@ -48,6 +56,9 @@ class TrainConfig(RunConfig):
     BOUNDS: ClassVar[dict] = {
         **RunConfig.BOUNDS, "resolution": {**WHOLE, "minimum": 8, "maximum": MAX_RESOLUTION, "optional": True},
         "snr_gamma": {"above": 0, "optional": True}, "noise_offset": {"minimum": 0},
+        "caption_dropout": {"minimum": 0, "maximum": 1}, "bucket_step": {**WHOLE, "minimum": 8},
+        "bucket_min_side": {**WHOLE, "minimum": 8, "optional": True},
+        "bucket_max_side": {**WHOLE, "minimum": 8, "maximum": MAX_RESOLUTION, "optional": True},
         "validation_every": {**WHOLE, "minimum": 0}, "validation_steps": {**WHOLE, "minimum": 1},
     }
 
@@ -57,6 +68,10 @@ class TrainConfig(RunConfig):
             raise UserError(f"unknown --prediction-type {self.prediction_type!r}: use epsilon or v_prediction")
         if self.cache and not self.center_crop:
             raise UserError("--cache stores one latent per image and flip: it needs centre crops, not --no-center-crop")
+        if not self.caption_extension.startswith(".") or len(self.caption_extension) < 2:
+            raise UserError(f"--caption-extension {self.caption_extension!r} must start with a dot, e.g. .txt or .caption")
+        if self.bucket_min_side and self.bucket_max_side and self.bucket_min_side > self.bucket_max_side:
+            raise UserError(f"--bucket-min-side {self.bucket_min_side} is above --bucket-max-side {self.bucket_max_side}")
 
 
 @dataclass
