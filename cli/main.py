@@ -4,6 +4,7 @@ import typer
 
 from restune_sd.cli.classify import app as classify_app
 from restune_sd.cli.demo import demo
+from restune_sd.cli.export import export
 from restune_sd.cli.info import info
 from restune_sd.cli.init_tiny import init_tiny
 from restune_sd.cli.sample import sample
@@ -20,6 +21,7 @@ app.command("info")(info)
 app.command("init-tiny")(init_tiny)
 app.command("train")(train)
 app.command("sample")(sample)
+app.command("export")(export)
 app.command("demo", hidden=True)(demo)
 app.add_typer(classify_app, name="classify")
 for _name, _what in PENDING.items():

@@ -29,6 +29,8 @@ FORMAT = "restune-sd-tuner/2"
 FORMAT_1 = "restune-sd-tuner/1"
 CONFIG_FILE = "tuner_config.json"
 WEIGHTS_FILE = "tuner.safetensors"
+# The LoRA of a plain LoRA tuner, also in diffusers' own format and file name (what `load_lora_weights(folder)` reads).
+LORA_FILE = "pytorch_lora_weights.safetensors"
 # Run directories (see `restune-sd train`) keep the final tuner in this sub-folder.
 RUN_TUNER_DIR = "tuner"
 
@@ -74,8 +76,8 @@ def save_tuner(model, path, extra: dict | None = None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         save_file(state, str(staging / WEIGHTS_FILE))
-        if model.restune.config.lora and model.restune.backbone == "unet":
-            write_diffusers_lora(model, staging)
+        if is_plain_unet_lora(meta):
+            write_diffusers_lora(state, model.restune.config.lora, staging)
         meta["weights_sha256"] = hashlib.sha256((staging / WEIGHTS_FILE).read_bytes()).hexdigest()
         (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if path.exists():
@@ -87,17 +89,32 @@ def save_tuner(model, path, extra: dict | None = None) -> Path:
     return path
 
 
-def write_diffusers_lora(unet, folder: Path) -> None:
-    """The LoRA also as diffusers writes it (`pytorch_lora_weights.safetensors`, its alpha in the metadata), so a stock
-    pipeline's `load_lora_weights(folder)` applies it with no other argument."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
+def is_plain_unet_lora(meta: dict) -> bool:
+    """Whether a tuner (its saved config) is a UNet LoRA and nothing else: what LoRA files of other tools can hold."""
+    tuning = meta["tuning"]
+    return (meta["backbone"]["kind"] == "unet" and bool(tuning.get("lora")) and not tuning.get("tuners")
+            and not tuning.get("bypass") and not tuning.get("full"))
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    metadata = unet.peft_config["default"].to_dict()
+
+def lora_pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A LoRA tuner's tensors as module path -> (down, up), i.e. PEFT's (lora_A, lora_B)."""
+    down = ".lora_A.default.weight"
+    return {name.removesuffix(down): (tensor, state[name.replace(".lora_A.", ".lora_B.")])
+            for name, tensor in state.items() if name.endswith(down)}
+
+
+def write_diffusers_lora(state: dict[str, torch.Tensor], lora, folder: Path) -> Path:
+    """The LoRA also as diffusers writes it (`pytorch_lora_weights.safetensors`, its rank and alpha in the metadata), so
+    a stock pipeline's `load_lora_weights(folder)` applies it with no other argument."""
+    from diffusers import StableDiffusionPipeline
+
+    pairs = lora_pairs(state)
+    layers = {f"{module}.lora.{part}.weight": tensor for module, (down, up) in pairs.items()
+              for part, tensor in (("down", down), ("up", up))}
+    metadata = {"r": lora.rank, "lora_alpha": lora.alpha or lora.rank, "target_modules": sorted(pairs)}
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata,
-                                              safe_serialization=True)
+                                              safe_serialization=True, weight_name=LORA_FILE)
+    return folder / LORA_FILE
 
 
 def find_tuner_dir(path) -> Path:

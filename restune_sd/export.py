@@ -1,0 +1,77 @@
+"""LoRA tuners as the files other tools read: diffusers' `pytorch_lora_weights.safetensors` and kohya's key format
+(sd-scripts, A1111, ComfyUI). Other tuner kinds have no foreign format."""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from restune_sd.errors import UserError
+from restune_sd.files import write_atomic, writing
+from restune_sd.config import TuningConfig
+from restune_sd.io import (LORA_FILE, find_tuner_dir, is_plain_unet_lora, lora_pairs, read_tuner_config, read_weights,
+                           write_diffusers_lora)
+
+FORMATS = ("kohya", "diffusers")
+
+
+def kohya_state(pairs: dict, alpha: float) -> dict[str, torch.Tensor]:
+    """kohya's keys: `lora_unet_<module path with _>.lora_down.weight`, `.lora_up.weight` and `.alpha`.
+
+    Their readers scale by alpha / rank, as PEFT does by lora_alpha / r, so the saved alpha is ours."""
+    state = {}
+    for module, (down, up) in pairs.items():
+        name = "lora_unet_" + module.replace(".", "_")
+        state |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                  f"{name}.alpha": torch.tensor(float(alpha), dtype=down.dtype)}
+    return state
+
+
+def export_output(output, fmt: str) -> Path:
+    """The file to write: `output` itself, or for diffusers an existing folder's `pytorch_lora_weights.safetensors`."""
+    output = Path(output)
+    if fmt == "diffusers" and output.is_dir():
+        return output / LORA_FILE
+    if output.suffix != ".safetensors":
+        raise UserError(f"--output {output} must end in .safetensors" + (" (or be a folder)" if fmt == "diffusers" else ""))
+    return output
+
+
+def export_lora(tuner, fmt: str, output, overwrite: bool = False) -> dict:
+    """Write the LoRA tuner at `tuner` (a tuner folder or run directory) as a `fmt` file at `output`."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown --format {fmt!r}: use one of {', '.join(FORMATS)}")
+    folder = find_tuner_dir(tuner)
+    meta = read_tuner_config(folder)
+    if not is_plain_unet_lora(meta):
+        kind = f"{meta['tuning'].get('name', 'custom')!r} {meta['backbone']['kind']}"
+        raise UserError(f"tuner {folder} ({kind} tuner) has no foreign format, only UNet LoRA tuners do: use it with "
+                        f"`restune-sd sample --tuner {tuner}` or restune_sd.load_tuner")
+    path = export_output(output, fmt)
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} already exists: choose another --output, or pass --overwrite to replace it")
+    lora = TuningConfig.from_dict(meta["tuning"]).lora
+    state = read_weights(folder, meta)
+    pairs = lora_pairs(state)
+    with writing(path.parent, "choose an --output where you can write"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "kohya":
+        metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(lora.rank),
+                    "ss_network_alpha": str(lora.alpha or lora.rank), "ss_base_model_version": "sd_v1"}
+        write_atomic(path, lambda tmp: save_file(kohya_state(pairs, lora.alpha or lora.rank), str(tmp), metadata))
+    else:
+        write_diffusers_file(state, lora, path)
+    return {"file": str(path), "format": fmt, "lora_modules": len(pairs), "rank": lora.rank, "alpha": lora.alpha or lora.rank}
+
+
+def write_diffusers_file(state: dict, lora, path: Path) -> None:
+    """diffusers writes into a folder: write into a temporary sibling folder, then rename the file into place."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        with writing(path, "free some space or choose another --output"):
+            os.replace(write_diffusers_lora(state, lora, staging), path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
