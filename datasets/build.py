@@ -10,6 +10,8 @@ from restune_sd.datasets.finegrained import (
     read_aircraft, read_cars, read_class_folders, read_cub, read_flowers102, read_food101,
 )
 from restune_sd.datasets.folder import read_metadata_folder
+from restune_sd.datasets.hf import read_hf
+from restune_sd.datasets.kohya import read_kohya_folder
 from restune_sd.errors import UserError
 
 TRAIN_TEST = {"train": "train", "val": "test", "test": "test"}
@@ -21,6 +23,7 @@ class Layout:
     splits: dict[str, str]  # split a caller asks for -> the distributor's split that is read
     read: Callable[[Path, str], list]
     captions_from_class: bool  # read gives (path, class name) pairs, captioned through the template
+    options: tuple[str, ...] = ()  # build_dataset's keyword options that read takes too
 
 
 # In every fine-grained set the train split absorbs the distributor's val images, so "val" means the test images.
@@ -40,6 +43,12 @@ REGISTRY = {
                           {"train": "train"}, read_class_folders, True),
     "folder": Layout("images + metadata.jsonl lines {\"file_name\", \"text\"} (Hugging Face imagefolder; train only)",
                      {"train": "train"}, read_metadata_folder, False),
+    "kohya": Layout("images with same-name .txt captions (--caption-extension); N_name sub-folders repeat their "
+                    "images N times (kohya sd-scripts; train only)", {"train": "train"}, read_kohya_folder, False,
+                    ("caption_extension",)),
+    "hf": Layout("a Hugging Face dataset folder from save_to_disk, or an imagefolder with metadata.jsonl/csv "
+                 "(--image-column, --caption-column)", {"train": "train", "val": "validation", "test": "test"},
+                 read_hf, False, ("image_column", "caption_column")),
 }
 LAYOUTS: dict[str, str] = {prefix: layout.description for prefix, layout in REGISTRY.items()}
 
@@ -54,8 +63,14 @@ def check_caption_template(template: str) -> None:
 
 
 def build_dataset(spec: str, *, split: str = "train", resolution: int = 512, center_crop: bool = True,
-                  random_flip: bool = False, caption_template: str = "a photo of a {}", seed: int = 0) -> CaptionDataset:
-    """The dataset named by `spec` (PREFIX:ROOT), checked on disk before anything is returned; see LAYOUTS."""
+                  random_flip: bool = False, caption_template: str = "a photo of a {}", seed: int = 0,
+                  caption_extension: str = ".txt", image_column: str = "image", caption_column: str = "text",
+                  caption_dropout: float = 0.0, bucket_sizes: list[tuple[int, int]] | None = None) -> CaptionDataset:
+    """The dataset named by `spec` (PREFIX:ROOT), checked on disk before anything is returned; see LAYOUTS.
+
+    `caption_extension` applies to kohya:, the columns to hf:; see CaptionDataset for the rest.
+    """
+    options = {"caption_extension": caption_extension, "image_column": image_column, "caption_column": caption_column}
     prefix, colon, root = spec.partition(":")
     if not colon or prefix.lower() not in REGISTRY:
         raise UserError(f"unknown data source {spec!r}: write PREFIX:ROOT with PREFIX one of {', '.join(REGISTRY)}")
@@ -69,10 +84,10 @@ def build_dataset(spec: str, *, split: str = "train", resolution: int = 512, cen
         raise UserError(f"resolution must be a positive number of pixels, not {resolution!r}")
     if layout.captions_from_class:
         check_caption_template(caption_template)
-    items = layout.read(Path(root), layout.splits[split])
+    items = layout.read(Path(root), layout.splits[split], **{name: options[name] for name in layout.options})
     if layout.captions_from_class:
         items = [(path, [caption_template.format(name)]) for path, name in items]
     if not items:
         raise UserError(f"{spec} has no images in its {split} split: check the data set's split files")
     return CaptionDataset(items, name=spec, resolution=resolution, center_crop=center_crop, random_flip=random_flip,
-                          seed=seed)
+                          seed=seed, caption_dropout=caption_dropout, bucket_sizes=bucket_sizes)

@@ -15,6 +15,20 @@ from restune_sd.errors import UserError
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
+def open_image(source) -> Image.Image:
+    """An image file, or any other source with its own open() (such as a row of a Hugging Face dataset)."""
+    return Image.open(source) if isinstance(source, Path) else source.open()
+
+
+def image_size(source) -> tuple[int, int] | None:
+    """(width, height) from the image's header alone; None when it cannot be read."""
+    try:
+        with open_image(source) as image:
+            return image.size
+    except DECODE_ERRORS:
+        return None
+
+
 def item_rng(seed: int, epoch: int, index: int) -> random.Random:
     """The random draws of one item; a str seed goes through SHA-512, so no process-salted hash() is involved."""
     return random.Random(f"restune-sd/{seed}/{epoch}/{index}")
@@ -26,8 +40,8 @@ class ImageFiles(torch.utils.data.Dataset):
     With DataLoader workers each process keeps its own count, so items report how many corrupt images they skipped.
     """
 
-    def __init__(self, paths: list[Path], *, name: str, seed: int = 0):
-        self.paths = [Path(path) for path in paths]
+    def __init__(self, paths: list, *, name: str, seed: int = 0):
+        self.paths = [Path(path) if isinstance(path, str) else path for path in paths]  # files, or sources with open()
         self.name, self.seed, self.epoch = name, seed, 0
         self.num_corrupt = 0
         self._corrupt_indices: set[int] = set()
@@ -61,7 +75,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def _decode(self, index: int) -> Image.Image | None:
         path = self.paths[index]
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 return to_rgb(image)
         except DECODE_ERRORS as error:
             self._corrupt_indices.add(index)

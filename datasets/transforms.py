@@ -29,26 +29,26 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
-    """The image scaled (bicubic, antialiased) so that its shorter side is exactly `resolution` pixels."""
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+def resize_to_cover(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The image scaled (bicubic, antialiased) as little as possible to cover `width` x `height`."""
+    scale = max(width / image.width, height / image.height)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
     if size == image.size:
         return image
     # PIL's resize widens its filter when shrinking, which is the antialiasing torchvision asks for explicitly.
     return image.resize(size, Image.Resampling.BICUBIC)
 
 
-def crop_square(image: Image.Image, resolution: int, left: int, top: int) -> Image.Image:
-    return image.crop((left, top, left + resolution, top + resolution))
+def resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
+    """The image scaled (bicubic, antialiased) so that its shorter side is exactly `resolution` pixels."""
+    return resize_to_cover(image, resolution, resolution)
 
 
 def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
     """The centred `resolution` x `resolution` square of the image after resizing its shorter side to `resolution`."""
     image = resize_shorter_side(image, resolution)
-    width, height = image.size
-    return crop_square(image, resolution, (width - resolution) // 2, (height - resolution) // 2)
+    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
 
 
 def to_signed_tensor(image: Image.Image) -> torch.Tensor:
@@ -66,15 +66,16 @@ class TrainTransform:
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
         return self.apply(image, rng)[0]
 
-    def apply(self, image: Image.Image, rng: random.Random) -> tuple[torch.Tensor, bool]:
-        """The transformed image and whether it was flipped."""
+    def apply(self, image: Image.Image, rng: random.Random, size: tuple[int, int] | None = None
+              ) -> tuple[torch.Tensor, bool]:
+        """The image cropped to `size` (width, height; default the square resolution) and whether it was flipped."""
+        width, height = size or (self.resolution, self.resolution)
+        image = resize_to_cover(image, width, height)
         if self.center_crop:
-            image = resize_center_crop(image, self.resolution)
+            left, top = (image.width - width) // 2, (image.height - height) // 2
         else:
-            image = resize_shorter_side(image, self.resolution)
-            width, height = image.size
-            left, top = rng.randint(0, width - self.resolution), rng.randint(0, height - self.resolution)
-            image = crop_square(image, self.resolution, left, top)
+            left, top = rng.randint(0, image.width - width), rng.randint(0, image.height - height)
+        image = image.crop((left, top, left + width, top + height))
         flipped = self.random_flip and rng.random() < 0.5
         if flipped:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

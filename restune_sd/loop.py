@@ -125,6 +125,7 @@ class SampleStream(torch.utils.data.Dataset):
 
     def __init__(self, dataset, seed: int):
         self.dataset, self.seed = dataset, seed
+        self.epoch_size = len(dataset)  # stream positions per epoch
         self._perms = {}
 
     def locate(self, position: int) -> tuple[int, int]:
@@ -142,6 +143,40 @@ class SampleStream(torch.utils.data.Dataset):
         item = dict(self.dataset[index])
         item["position"], item["index"] = position, index
         return item
+
+
+class BucketStream(SampleStream):
+    """The stream of a dataset with aspect-ratio `buckets`: the `group` samples of each optimizer step share a bucket.
+
+    An epoch shuffles each bucket, cuts it into groups (the last one filled up by wrapping round the bucket, so every
+    image is seen) and shuffles the groups; all seeded by (seed, epoch), so resumed and N-process runs see the same
+    order. Only the current epoch's order is held.
+    """
+
+    def __init__(self, dataset, seed: int, group: int):
+        super().__init__(dataset, seed)
+        self.group, self.members = group, dataset.buckets.members()
+        self.epoch_size = group * sum(math.ceil(len(members) / group) for members in self.members)
+        self._orders = {}
+
+    def locate(self, position: int) -> tuple[int, int]:
+        epoch, offset = divmod(position, self.epoch_size)
+        if epoch not in self._orders:
+            self._orders = {epoch: self.order(epoch)}
+        indices, start = self._orders[epoch][offset // self.group]
+        return epoch, indices[(start + offset % self.group) % len(indices)]
+
+    def order(self, epoch: int) -> list[tuple[list[int], int]]:
+        """The epoch's groups in turn, each as (its bucket's indices in shuffled order, where the group starts)."""
+        shuffled = [[members[i] for i in torch.randperm(len(members), generator=seeded(self.seed, epoch, b)).tolist()]
+                    for b, members in enumerate(self.members)]
+        groups = [(indices, start) for indices in shuffled for start in range(0, len(indices), self.group)]
+        return [groups[i] for i in torch.randperm(len(groups), generator=seeded(self.seed, epoch)).tolist()]
+
+
+def sample_stream(dataset, seed: int, group: int) -> SampleStream:
+    """The stream of a job's data: bucketed when the dataset has `buckets`, each step's `group` samples from one."""
+    return BucketStream(dataset, seed, group) if getattr(dataset, "buckets", None) else SampleStream(dataset, seed)
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -432,7 +467,8 @@ def fit(cfg: RunConfig, backbone: str, build: Callable[[Session], Job], given: s
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
                                   eps=cfg.adam_epsilon)
     global_batch = cfg.batch_size * accelerator.num_processes
-    steps_per_epoch = max(1, len(job.dataset) // (global_batch * cfg.gradient_accumulation))
+    stream = sample_stream(job.dataset, cfg.seed, global_batch * cfg.gradient_accumulation)
+    steps_per_epoch = max(1, stream.epoch_size // (global_batch * cfg.gradient_accumulation))
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = cfg.warmup(steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total_steps, warmup))
@@ -444,7 +480,7 @@ def fit(cfg: RunConfig, backbone: str, build: Callable[[Session], Job], given: s
     job.record.update({k: summary[k] for k in ("tuner_params", "head_params", "trainable_params", "total_params")})
     open_run(plan, session, job, total_steps)
     loader = torch.utils.data.DataLoader(
-        SampleStream(job.dataset, cfg.seed), num_workers=cfg.num_workers,
+        stream, num_workers=cfg.num_workers,
         batch_sampler=StepBatches(first, total_steps, cfg.gradient_accumulation, global_batch,
                                   accelerator.process_index, cfg.batch_size))
     started = time.time()

@@ -18,7 +18,7 @@ from restune_sd.errors import UserError
 from restune_sd.files import warn, writing
 from restune_sd.loop import WHOLE, Job, RunConfig, Session, atomic_torch_save, disk_hint, fit, seeded
 
-CACHE_KEYS = "2*index+flipped"
+CACHE_KEYS = "index-flipped-WxH"  # the form of latent_key's keys; a cache keyed otherwise is rebuilt
 
 
 @dataclass(kw_only=True)
@@ -108,7 +108,7 @@ class Encoders:
 
     def __init__(self, comps: Components, dtype, cache_file: Path | None):
         self.comps, self.dtype, self.cache_file = comps, dtype, cache_file
-        self.latents = {} if cache_file else None  # 2 * dataset index + flipped -> (mean, std)
+        self.latents = {} if cache_file else None  # latent_key -> (mean, std)
         self.texts = {} if cache_file else None  # caption -> embedding
         if cache_file and cache_file.is_file():
             try:
@@ -150,11 +150,18 @@ class Encoders:
         return dist.mean, dist.std
 
 
+def latent_key(batch: dict) -> list[str]:
+    """The cache key of each sample's VAE latent: the image, whether it was flipped, and the size it was cropped to
+    (its aspect-ratio bucket), e.g. "12-1-64x96"; a micro-batch's images share one size."""
+    height, width = batch["pixel_values"].shape[-2:]
+    return [f"{index}-{int(flipped)}-{width}x{height}" for index, flipped in zip(batch["index"].tolist(),
+                                                                                   batch["flipped"].tolist())]
+
+
 def diffusion_loss(unet, encoders: Encoders, batch: dict, cfg: TrainConfig, step: int, device) -> torch.Tensor:
     """The denoising loss of one micro-batch; noise, timestep and latent sample drawn per sample from (seed, step, position)."""
     scheduler = encoders.comps.noise_scheduler
-    keys = (2 * batch["index"] + batch["flipped"].long()).tolist()  # a flipped image has a latent of its own
-    mean, std = encoders.latent_moments(batch["pixel_values"], keys, device)
+    mean, std = encoders.latent_moments(batch["pixel_values"], latent_key(batch), device)
     gens = [seeded(cfg.seed, step, int(p)) for p in batch["position"]]
     shape = mean.shape[1:]
     draw = lambda g: torch.randn(shape, generator=g)  # noqa: E731
@@ -203,20 +210,26 @@ def diffusion_job(session: Session) -> Job:
     """The pipeline's UNet with its tuner, the captioned data and the denoising loss; checked before the models load."""
     from restune_sd.attention import set_attention_backend
     from restune_sd.datasets import build_dataset
+    from restune_sd.datasets.buckets import bucket_sizes
     from restune_sd.inject import attach
     from restune_sd.models import check_pipeline, native_resolution, pipeline_resolution, quiet_loading, vae_factor
 
     cfg = session.cfg
 
     def data(resolution):
+        sizes = bucket_sizes(resolution, cfg.bucket_step, cfg.bucket_min_side, cfg.bucket_max_side) if cfg.buckets else None
         return build_dataset(cfg.data, split=cfg.split, resolution=resolution, center_crop=cfg.center_crop,
-                             random_flip=cfg.random_flip, caption_template=cfg.caption_template, seed=cfg.seed)
+                             random_flip=cfg.random_flip, caption_template=cfg.caption_template, seed=cfg.seed,
+                             caption_extension=cfg.caption_extension, image_column=cfg.image_column,
+                             caption_column=cfg.caption_column, caption_dropout=cfg.caption_dropout, bucket_sizes=sizes)
 
     # The data and the model folder are checked before any model is loaded: a bad root fails in a second, not after minutes.
     check_pipeline(cfg.model)
     factor = vae_factor(cfg.model)
     if cfg.resolution is not None and factor:
         require_resolution("--resolution", cfg.resolution, factor)
+    if cfg.buckets and factor:
+        require_resolution("--bucket-step", cfg.bucket_step, factor)
     resolution = cfg.resolution or pipeline_resolution(cfg.model)
     dataset = data(resolution) if resolution else None
     quiet_loading()
@@ -225,6 +238,8 @@ def diffusion_job(session: Session) -> Job:
         comps.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
     cfg = session.cfg = dataclasses.replace(cfg, resolution=resolution or native_resolution(comps.unet.config, comps.vae.config))
     require_resolution("--resolution", cfg.resolution, 2 ** (len(comps.vae.config.block_out_channels) - 1))
+    if cfg.buckets:
+        require_resolution("--bucket-step", cfg.bucket_step, 2 ** (len(comps.vae.config.block_out_channels) - 1))
     dataset = dataset or data(cfg.resolution)
 
     torch.manual_seed(cfg.seed)  # the tuners' random initialisation

@@ -58,7 +58,7 @@ def test_nested_roots_and_pretty_names(tmp_path):
         root = make_synthetic(layout, tmp_path / layout, num_classes=2, images_per_class=2)
         assert len(build_dataset(f"{layout}:{root / inner}", resolution=RES)) == 2
     assert synthetic_class_names("food101")[0] == "Red circle"  # meta/labels.txt, not classes.txt's red_circle
-    assert len(LAYOUTS) == 8 and all(isinstance(v, str) and v for v in LAYOUTS.values())
+    assert len(LAYOUTS) == 10 and all(isinstance(v, str) and v for v in LAYOUTS.values())
 
 
 def test_coco_draws_one_of_the_image_captions_reproducibly(tmp_path):
