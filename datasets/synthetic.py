@@ -25,7 +25,8 @@ COCO_CAPTIONS = (
     "a {shape} on a {colour} background", "a simple {shape} drawn over {colour}", "{colour} backdrop with a {shape}",
     "an icon of a {shape}, {colour} background", "one {shape} in the middle of a {colour} picture",
 )
-SYNTHETIC_LAYOUTS = ("coco", "cub", "flowers102", "cars", "aircraft", "food101", "classfolder", "folder")
+SYNTHETIC_LAYOUTS = ("coco", "cub", "flowers102", "cars", "aircraft", "food101", "classfolder", "folder", "kohya")
+ASPECTS = ((1, 1), (3, 1), (1, 3), (2, 1), (1, 2))  # kohya: image i is stretched to ASPECTS[i % 5], for buckets
 
 
 def class_words(k: int) -> str:
@@ -280,6 +281,21 @@ def write_folder(root: Path, images, num_classes: int, size: int) -> list[Path]:
     return files
 
 
+def write_kohya(root: Path, images, num_classes: int, size: int) -> list[Path]:
+    """Class k's images in the folder `N_colour shape` with N = 1 + k % 2 repeats, each with a same-name .txt caption
+    except every fourth image (captioned with its folder's name), and stretched to the aspect ratios of ASPECTS."""
+    files = []
+    for i, (k, _, image) in enumerate(images):
+        wide, tall = ASPECTS[i % len(ASPECTS)]
+        image = image.resize((size * wide // max(wide, tall), size * tall // max(wide, tall)))
+        path = save(image, root / f"{1 + k % 2}_{class_words(k)}" / f"img_{i:04d}.png")
+        if i % 4 != 3:
+            colour, shape = class_words(k).split()[:2]
+            write_lines(path.with_suffix(".txt"), [COCO_CAPTIONS[i % len(COCO_CAPTIONS)].format(colour=colour, shape=shape)])
+        files.append(path)
+    return files
+
+
 WRITERS = {"coco": write_coco, "cub": write_cub, "flowers102": write_flowers102, "cars": write_cars,
            "aircraft": write_aircraft, "food101": write_food101, "classfolder": write_classfolder,
-           "folder": write_folder}
+           "folder": write_folder, "kohya": write_kohya}

@@ -1,0 +1,202 @@
+"""Data as other trainers ship it: kohya folders (same-name captions, N_name repeats), local Hugging Face datasets
+(saved with save_to_disk, or imagefolders), and caption dropout."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import restune_sd.datasets
+from restune_sd.cli.main import app
+from restune_sd.datasets import build_dataset, make_synthetic
+from restune_sd.datasets.hf import hf_datasets
+from restune_sd.datasets.synthetic import class_words
+from restune_sd.errors import UserError
+from restune_sd.tiny import write_tiny_sd
+
+RES = 32
+hf = hf_datasets()
+
+
+def one_line_error(spec: str, **options) -> str:
+    with pytest.raises(UserError) as raised:
+        build_dataset(spec, resolution=RES, **options)
+    assert "\n" not in str(raised.value)
+    return str(raised.value)
+
+
+def picture(colour: str, size=(40, 30)) -> Image.Image:
+    return Image.new("RGB", size, colour)
+
+
+# --- kohya ---------------------------------------------------------------------------------------------------------
+
+def test_kohya_captions_come_from_same_name_files_and_folders_repeat(tmp_path, capsys):
+    root = make_synthetic("kohya", tmp_path, num_classes=2, images_per_class=4)
+    dataset = build_dataset(f"kohya:{root}", resolution=RES)
+    images = sorted(root.rglob("*.png"))
+    assert len(dataset) == 4 * 1 + 4 * 2  # "1_red circle" once, "2_green square" twice
+    by_path = {}
+    for index, path in enumerate(dataset.paths):
+        by_path.setdefault(path, []).append(dataset.captions_of(index))
+    assert set(by_path) == set(images)
+    for path, captions in by_path.items():
+        caption_file = path.with_suffix(".txt")
+        expected = caption_file.read_text().strip() if caption_file.exists() else path.parent.name.split("_", 1)[1]
+        assert captions == [[expected]] * (2 if path.parent.name.startswith("2_") else 1)
+    assert "2 images have no .txt caption file" in capsys.readouterr().err
+    assert dataset[0]["pixel_values"].shape == (3, RES, RES)
+
+
+def test_kohya_reads_the_first_line_of_another_caption_extension(tmp_path):
+    picture("red").save(tmp_path / "a.jpg")
+    (tmp_path / "a.caption").write_text("a red picture\nnotes kohya ignores\n")
+    (tmp_path / "plain").mkdir()
+    picture("blue").save(tmp_path / "plain" / "b.png")
+    (tmp_path / "plain" / "b.caption").write_text("a blue picture")
+    dataset = build_dataset(f"kohya:{tmp_path}", resolution=RES, caption_extension=".caption")
+    assert [dataset.captions_of(i) for i in range(len(dataset))] == [["a red picture"], ["a blue picture"]]
+    message = one_line_error(f"kohya:{tmp_path}")  # with .txt no image has a caption, nor a folder to fall back on
+    assert "a.jpg" in message and "--caption-extension" in message
+
+
+def test_kohya_images_outside_named_folders_get_an_empty_caption(tmp_path, capsys):
+    picture("red").save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a red picture")
+    picture("blue").save(tmp_path / "b.png")
+    dataset = build_dataset(f"kohya:{tmp_path}", resolution=RES)
+    assert [dataset.captions_of(i) for i in range(len(dataset))] == [["a red picture"], [""]]
+    assert "b.png" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case, words", [
+    ("empty caption", ["a.txt", "empty"]), ("zero repeats", ["0_dog", "N >= 1"]), ("no images", ["no images"]),
+    ("missing folder", ["does not exist"]),
+])
+def test_kohya_bad_folders_are_one_line(tmp_path, case, words):
+    root = tmp_path / "data"
+    (root / "0_dog" if case == "zero repeats" else root).mkdir(parents=True)
+    if case == "empty caption":
+        picture("red").save(root / "a.png")
+        (root / "a.txt").write_text("\n")
+    elif case == "zero repeats":
+        picture("red").save(root / "0_dog" / "a.png")
+    elif case == "missing folder":
+        root = tmp_path / "absent"
+    message = one_line_error(f"kohya:{root}")
+    assert all(word in message for word in words), message
+
+
+# --- Hugging Face datasets -----------------------------------------------------------------------------------------
+
+def saved_dataset(rows: dict, features: dict | None = None):
+    features = hf.Features(features or {"image": hf.Image(), "text": hf.Value("string")})
+    return hf.Dataset.from_dict(rows, features=features)
+
+
+def test_hf_saved_dataset_and_splits(tmp_path):
+    train = saved_dataset({"image": [picture("red"), picture("blue", (30, 40))], "text": ["a red one", "a blue one"]})
+    val = saved_dataset({"image": [picture("green")], "text": ["a green one"]})
+    train.save_to_disk(str(tmp_path / "single"))
+    hf.DatasetDict({"train": train, "validation": val}).save_to_disk(str(tmp_path / "dict"))
+
+    single = build_dataset(f"hf:{tmp_path / 'single'}", resolution=RES)
+    assert [single.captions_of(i) for i in range(2)] == [["a red one"], ["a blue one"]]
+    item = single[1]
+    assert item["pixel_values"].shape == (3, RES, RES) and item["caption"] == "a blue one"
+    assert item["pixel_values"][2].mean() > 0.5 > item["pixel_values"][0].mean()  # blue, decoded from the stored bytes
+    held_out = build_dataset(f"hf:{tmp_path / 'dict'}", split="val", resolution=RES)
+    assert len(held_out) == 1 and held_out[0]["caption"] == "a green one"
+    assert "no split" in one_line_error(f"hf:{tmp_path / 'dict'}", split="test")
+    assert "without splits" in one_line_error(f"hf:{tmp_path / 'single'}", split="val")
+
+
+def test_hf_columns_are_chosen_and_a_wrong_one_lists_those_there_are(tmp_path):
+    rows = {"picture": [picture("red"), picture("blue")], "prompts": [["a red one", "crimson"], ["a blue one"]]}
+    saved_dataset(rows, {"picture": hf.Image(), "prompts": hf.Sequence(hf.Value("string"))}).save_to_disk(str(tmp_path))
+    spec = f"hf:{tmp_path}"
+    dataset = build_dataset(spec, resolution=RES, image_column="picture", caption_column="prompts")
+    assert dataset.captions_of(0) == ["a red one", "crimson"] and dataset[0]["caption"] in ("a red one", "crimson")
+    message = one_line_error(spec, caption_column="prompts")
+    assert "'image'" in message and "picture, prompts" in message and "--image-column" in message
+    assert "--caption-column" in one_line_error(spec, image_column="picture")
+    assert "not images" in one_line_error(spec, image_column="prompts", caption_column="prompts")
+
+
+def test_hf_image_file_names_in_a_string_column(tmp_path):
+    picture("red").save(tmp_path / "a.png")
+    rows = {"file": ["a.png"], "text": ["a red one"]}
+    saved_dataset(rows, {"file": hf.Value("string"), "text": hf.Value("string")}).save_to_disk(str(tmp_path / "set"))
+    (tmp_path / "set" / "a.png").write_bytes((tmp_path / "a.png").read_bytes())
+    assert build_dataset(f"hf:{tmp_path / 'set'}", resolution=RES, image_column="file")[0]["caption"] == "a red one"
+    (tmp_path / "set" / "a.png").unlink()
+    assert "missing" in one_line_error(f"hf:{tmp_path / 'set'}", image_column="file")
+
+
+@pytest.mark.parametrize("metadata", ["metadata.jsonl", "metadata.csv"])
+def test_hf_imagefolder_with_metadata(tmp_path, metadata):
+    names = [f"img_{i}.png" for i in range(3)]
+    for i, name in enumerate(names):
+        picture(("red", "green", "blue")[i]).save(tmp_path / name)
+    captions = [f"picture {class_words(i)}" for i in range(3)]
+    if metadata.endswith("jsonl"):
+        text = "".join(json.dumps({"file_name": n, "caption": c}) + "\n" for n, c in zip(names, captions))
+    else:
+        text = "file_name,caption\n" + "".join(f"{n},{c}\n" for n, c in zip(names, captions))
+    (tmp_path / metadata).write_text(text)
+    dataset = build_dataset(f"hf:{tmp_path}", resolution=RES, caption_column="caption")
+    assert sorted(dataset.captions_of(i)[0] for i in range(3)) == sorted(captions)
+    assert "caption" in one_line_error(f"hf:{tmp_path}")  # the default column, text, is not there
+
+
+def test_hf_is_found_even_where_this_repository_shadows_it(monkeypatch):
+    """Run from the repository root, `import datasets` finds the datasets/ folder of this package's own sources."""
+    repository = Path(restune_sd.datasets.__file__).resolve().parent.parent
+    monkeypatch.syspath_prepend(str(repository))
+    monkeypatch.setitem(sys.modules, "datasets", restune_sd.datasets)
+    assert hf_datasets().load_from_disk is not None
+
+
+def test_training_on_an_hf_dataset_from_the_command_line(tmp_path):
+    rows = {"img": [picture(c, (64, 48)) for c in ("red", "green", "blue", "white")], "text": ["a dog"] * 4}
+    saved_dataset(rows, {"img": hf.Image(), "text": hf.Value("string")}).save_to_disk(str(tmp_path / "set"))
+    model = write_tiny_sd(tmp_path / "tiny")
+    result = CliRunner().invoke(app, ["train", "--model", str(model), "--data", f"hf:{tmp_path / 'set'}", "--output",
+                                      str(tmp_path / "run"), "--image-column", "img", "--max-steps", "1",
+                                      "--batch-size", "2", "--report-to", "none"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 1
+    result = CliRunner().invoke(app, ["train", "--model", str(model), "--data", f"hf:{tmp_path / 'set'}", "--output",
+                                      str(tmp_path / "wrong"), "--max-steps", "1", "--report-to", "none"])
+    assert result.exit_code == 2 and "img, text" in result.stderr and not (tmp_path / "wrong").exists()
+
+
+# --- caption dropout -----------------------------------------------------------------------------------------------
+
+def captions_over_epochs(root, epochs: int, **options) -> list[str]:
+    dataset = build_dataset(f"folder:{root}", resolution=RES, **options)
+    seen = []
+    for epoch in range(epochs):
+        dataset.set_epoch(epoch)
+        seen += [dataset[i]["caption"] for i in range(len(dataset))]
+    return seen
+
+
+def test_caption_dropout_is_drawn_from_seed_epoch_and_index(tmp_path):
+    root = make_synthetic("folder", tmp_path, num_classes=2, images_per_class=4)
+    dropped = captions_over_epochs(root, 40, caption_dropout=0.3, seed=5)
+    assert 0.2 < dropped.count("") / len(dropped) < 0.4
+    assert dropped == captions_over_epochs(root, 40, caption_dropout=0.3, seed=5)  # a fresh dataset, the same draws
+    assert dropped != captions_over_epochs(root, 40, caption_dropout=0.3, seed=6)
+    kept = captions_over_epochs(root, 40, seed=5)
+    assert "" not in kept and all(d in ("", k) for d, k in zip(dropped, kept))
+    assert set(captions_over_epochs(root, 2, caption_dropout=1.0)) == {""}
+
+
+def test_caption_dropout_out_of_range_is_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["train", "--model", str(tmp_path), "--data", f"folder:{tmp_path}", "--output",
+                                      str(tmp_path / "run"), "--caption-dropout", "1.5"])
+    assert result.exit_code == 2 and "--caption-dropout must be >= 0 and <= 1" in result.stderr
