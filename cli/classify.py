@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from restune_sd.cli.common import user_errors
+from restune_sd.cli.common import ReportTo, TensorBoardFlag, user_errors
 
 app = typer.Typer(help="Tune ViT image classifiers (VTAB-1K, FGVC, class folders) and predict with many tuners at once.",
                   no_args_is_help=True)
@@ -58,7 +58,8 @@ def train(
     keep_checkpoints: Annotated[int, typer.Option(help="how many checkpoints to keep")] = 2,
     resume: Annotated[str | None, typer.Option(help="latest, or a checkpoint file, to continue --output")] = None,
     eval_batch_size: Annotated[int, typer.Option(help="images per batch when scoring")] = 64,
-    tensorboard: Annotated[bool, typer.Option(help="also write TensorBoard logs")] = False,
+    report_to: ReportTo = "tensorboard",
+    tensorboard: TensorBoardFlag = False,
     num_workers: Annotated[int, typer.Option(help="data loader workers")] = 0,
 ):
     """Tune a frozen ViT with a tuner and a new head; writes the tuner, config, metrics, loss curve and top-1 to OUTPUT."""

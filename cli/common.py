@@ -1,10 +1,16 @@
 """Shared pieces of the Typer commands: the error guard that turns a UserError into one line and exit 2."""
 
 import functools
+from typing import Annotated
 
 import typer
 
 from restune_sd.errors import UserError
+
+# Options that `train` and `classify train` share, declared once.
+ReportTo = Annotated[str, typer.Option(help="where loss, lr and validation go: tensorboard (RUN_DIR/tensorboard), wandb, "
+                                            "all (both) or none")]
+TensorBoardFlag = Annotated[bool, typer.Option(help="deprecated: the same as --report-to tensorboard, now the default")]
 
 
 def user_errors(command):

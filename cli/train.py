@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from restune_sd.cli.common import user_errors
+from restune_sd.cli.common import ReportTo, TensorBoardFlag, user_errors
 
 
 @user_errors
@@ -48,9 +48,16 @@ def train(
     checkpoint_every: Annotated[int, typer.Option(help="write a resumable checkpoint every N steps (0: never)")] = 0,
     keep_checkpoints: Annotated[int, typer.Option(help="how many checkpoints to keep")] = 2,
     resume: Annotated[str | None, typer.Option(help="latest, or a checkpoint file, to continue --output")] = None,
-    validation_prompt: Annotated[str | None, typer.Option(help="prompt for validation images")] = None,
-    validation_every: Annotated[int, typer.Option(help="write a validation image every N steps")] = 0,
-    tensorboard: Annotated[bool, typer.Option(help="also write TensorBoard logs")] = False,
+    validation_prompts: Annotated[list[str] | None, typer.Option("--validation-prompt", help="prompt of validation images; repeat for several")] = None,
+    validation_prompts_file: Annotated[str | None, typer.Option(help="a text file of validation prompts, one a line")] = None,
+    validation_images: Annotated[int, typer.Option(help="images per validation prompt (seeds SEED, SEED+1, ...)")] = 1,
+    validation_every: Annotated[int, typer.Option(help="validate every N steps (0: only at the end)")] = 0,
+    validation_steps: Annotated[int, typer.Option(help="denoising steps of each validation image")] = 25,
+    validation_data: Annotated[str | None, typer.Option(help="PREFIX:ROOT held-out data: a validation loss at fixed noise and timesteps")] = None,
+    validation_split: Annotated[str | None, typer.Option(help="split of --validation-data (default: val where it has one, else train)")] = None,
+    validation_samples: Annotated[int, typer.Option(help="held-out images the validation loss averages")] = 16,
+    report_to: ReportTo = "tensorboard",
+    tensorboard: TensorBoardFlag = False,
     num_workers: Annotated[int, typer.Option(help="data loader workers")] = 0,
 ):
     """Fine-tune a frozen SD UNet with a tuner; writes the tuner, config, metrics and loss curve to OUTPUT."""

@@ -8,6 +8,7 @@ processes see the same numbers as one uninterrupted process with the combined ba
 """
 
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -31,6 +32,9 @@ from restune_sd.summary import parameter_summary
 
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_KEYS = ("step", "tuner", "optimizer", "scheduler", "rng", "config", "tuning")
+TRACKERS = {"tensorboard": ("tensorboard",), "wandb": ("wandb",), "all": ("tensorboard", "wandb"), "none": ()}
+TRACKER_MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
+PROJECT = "restune-sd"  # the wandb project; TensorBoard logs go to RUN_DIR/tensorboard/restune-sd/
 WHOLE = {"integer": True}
 
 
@@ -55,12 +59,14 @@ class RunConfig:
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     resume: str | None = None
-    tensorboard: bool = False
+    report_to: str = field(default="tensorboard", metadata={"help": "trackers of loss, lr and validation: tensorboard, "
+                                                                    "wandb, all (both) or none"})
+    tensorboard: bool = field(default=False, metadata={"help": "deprecated: the same as report_to='tensorboard'"})
     num_workers: int = 0
 
     # Settings a resumed run may change: they decide how long it runs, what it records and how fast, never what it learns.
     SAFE_ON_RESUME: ClassVar[tuple[str, ...]] = ("max_steps", "epochs", "checkpoint_every", "keep_checkpoints",
-                                                 "tensorboard", "num_workers")
+                                                 "report_to", "tensorboard", "num_workers")
     BOUNDS: ClassVar[dict] = {
         "epochs": {**WHOLE, "minimum": 1}, "batch_size": {**WHOLE, "minimum": 1},
         "gradient_accumulation": {**WHOLE, "minimum": 1}, "max_steps": {**WHOLE, "minimum": 1, "optional": True},
@@ -76,6 +82,10 @@ class RunConfig:
             raise UserError(f"unknown --lr-scheduler {self.lr_scheduler!r}: use constant or cosine")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise UserError(f"unknown --mixed-precision {self.mixed_precision!r}: use no, fp16 or bf16")
+        if self.report_to not in TRACKERS:
+            raise UserError(f"unknown --report-to {self.report_to!r}: use tensorboard, wandb, all or none")
+        if self.tensorboard:  # the older flag, folded in so config.json records one setting
+            self.report_to, self.tensorboard = "all" if self.report_to in ("wandb", "all") else "tensorboard", False
         check_bounds(self, self.BOUNDS)
         if len(self.adam_betas) != 2:
             raise UserError(f"adam_betas must be two numbers, not {self.adam_betas!r}")
@@ -96,7 +106,8 @@ class Job:
     loss: Callable[[torch.nn.Module, dict, int], torch.Tensor]  # (model, batch, step) -> scalar loss
     record: dict = field(default_factory=dict)  # more fields for config.json and results.json
     on_checkpoint: Callable[[], None] | None = None  # e.g. persist caches with each checkpoint
-    on_step: Callable[[int, Path | None], None] | None = None  # main process, after each step (step, last checkpoint)
+    # Main process, after each step and its checkpoint: (step, last checkpoint, final step?) -> more metrics for that step.
+    on_step: Callable[[int, Path | None, bool], dict | None] | None = None
     finish: Callable[[torch.nn.Module], dict] | None = None  # main process, after training: more results
     tuner_extra: dict = field(default_factory=dict)  # more fields for the saved tuner's config
 
@@ -247,7 +258,7 @@ def locate_run(cfg: RunConfig, early_files: tuple[str, ...]) -> RunPlan:
 def abandoned_attempt(run: Path, held: list[Path], early_files: tuple[str, ...]) -> bool:
     """Only files a run writes before its first checkpoint, and no checkpoint: nothing a retry could lose."""
     names = {p.name for p in held if not (p.name.startswith(".") and p.name.endswith(".tmp"))}
-    early = {"config.json", "metrics.jsonl", CHECKPOINTS, "tensorboard", *early_files}
+    early = {"config.json", "metrics.jsonl", CHECKPOINTS, "tensorboard", "wandb", *early_files}
     if "config.json" not in names or not names <= early:
         return False
     return not any((run / CHECKPOINTS).glob("step-*.pt"))
@@ -337,13 +348,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def tensorboard_writer():
-    """TensorBoard's SummaryWriter class, checked before a run writes anything."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter
+def require_trackers(report_to: str) -> list[str]:
+    """The trackers --report-to names, each checked importable before a run writes anything."""
+    for name in TRACKERS[report_to]:
+        try:
+            importlib.import_module(TRACKER_MODULES[name])
+        except ImportError:
+            raise UserError(f"--report-to {report_to} needs the {name} package: pip install {name} "
+                            "(or --report-to none)") from None
+    return list(TRACKERS[report_to])
+
+
+def tracker_config(record: dict) -> dict:
+    """The run's settings as trackers take them (TensorBoard's hparams hold only numbers, strings and booleans)."""
+    return {k: v if v is None or isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in record.items()}
 
 
 def require_writable(run: Path) -> None:
@@ -386,8 +404,9 @@ def tuner_state_dict(model) -> dict:
 
 
 def save_checkpoint(run: Path, step: int, model, optimizer, scheduler, cfg: RunConfig, tuning: TuningConfig,
-                    last: Path | None) -> Path:
-    """A resumable checkpoint: the tuner, optimizer, schedule, RNGs and the run's settings, as tensors and plain values."""
+                    last: Path | None, tuner_extra: dict) -> Path:
+    """A resumable checkpoint: the tuner, optimizer, schedule, RNGs and the run's settings, as tensors and plain values;
+    beside it the tuner as a folder `sample --tuner` loads (step-XXXXXXXX-tuner/), pruned with it."""
     folder = run / CHECKPOINTS
     path = folder / f"step-{step:08d}.pt"
     hint = disk_hint(last)
@@ -396,9 +415,27 @@ def save_checkpoint(run: Path, step: int, model, optimizer, scheduler, cfg: RunC
     atomic_torch_save({"step": step, "tuner": tuner_state_dict(model), "optimizer": optimizer.state_dict(),
                        "scheduler": scheduler.state_dict(), "rng": rng_state(), "config": dataclasses.asdict(cfg),
                        "tuning": tuning.to_dict()}, path, hint)
+    write_tuner(model, checkpoint_tuner(path), {"trained_steps": step, **tuner_extra}, hint)
     for old in sorted(folder.glob("step-*.pt"))[:-cfg.keep_checkpoints]:
         old.unlink()
+        shutil.rmtree(checkpoint_tuner(old), ignore_errors=True)
     return path
+
+
+def checkpoint_tuner(checkpoint: Path) -> Path:
+    """The loadable tuner folder written with a checkpoint (a name resume's step-*.pt glob never matches)."""
+    return checkpoint.with_name(f"{checkpoint.stem}-tuner")
+
+
+def write_tuner(model, folder: Path, extra: dict, hint: str) -> None:
+    """The tuner as `load_tuner` and `sample --tuner` read it, written whole; an earlier one there (a resumed run
+    passing the same step again) is replaced."""
+    from restune_sd.io import save_tuner
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    with writing(folder, hint):
+        save_tuner(model, folder, extra=extra)
 
 
 def keep_trainables_fp32(model, tuning: TuningConfig, dtype) -> None:
@@ -422,11 +459,22 @@ class Session:
     dtype: torch.dtype
     run: Path
 
+    def log(self, values: dict, step: int) -> None:
+        """Scalars to every --report-to tracker (main process; nothing with --report-to none)."""
+        self.accelerator.log(values, step=step)
+
+    def log_images(self, images: dict[str, list], step: int) -> None:
+        """Sets of same-sized PIL images, one set per key, to every tracker (TensorBoard shows each set side by side)."""
+        arrays = {key: np.stack([np.asarray(image.convert("RGB")) for image in group]) for key, group in images.items()}
+        for tracker in self.accelerator.trackers:
+            tracker.log_images(arrays, step=step, **({"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}))
+
 
 def start(cfg: RunConfig, backbone: str, early_files: tuple[str, ...], given: set[str] | None):
     """Everything before the model loads: the run plan, the resumed settings, the tuner config and accelerate."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
 
     plan = locate_run(cfg, early_files)  # every process checks before anything is written, so none waits on a failed one
     if plan.state is not None:
@@ -437,13 +485,14 @@ def start(cfg: RunConfig, backbone: str, early_files: tuple[str, ...], given: se
             raise UserError(f"--resume: tuner {cfg.tuner!r} is not the one this run was started with; leave --tuner out")
     else:
         tuning = resolve_tuner(cfg.tuner, backbone)
-    if cfg.tensorboard:
-        tensorboard_writer()
+    trackers = require_trackers(cfg.report_to)
     # accelerate keeps one AcceleratorState per process; each run sets its own precision (the process group is kept).
     AcceleratorState._reset_state(reset_partial_state=False)
     # cpu=True without CUDA: that is what makes accelerate join several launched processes over gloo.
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation,
-                              cpu=not torch.cuda.is_available())
+                              cpu=not torch.cuda.is_available(), log_with=trackers,
+                              project_config=ProjectConfiguration(project_dir=str(plan.run),
+                                                                  logging_dir=str(plan.run / "tensorboard")))
     if cfg.mixed_precision == "fp16" and accelerator.device.type != "cuda":
         raise UserError("--mixed-precision fp16 needs a CUDA GPU: use no or bf16 on CPU")
     require_writable(plan.run)
@@ -484,9 +533,14 @@ def fit(cfg: RunConfig, backbone: str, build: Callable[[Session], Job], given: s
         batch_sampler=StepBatches(first, total_steps, cfg.gradient_accumulation, global_batch,
                                   accelerator.process_index, cfg.batch_size))
     started = time.time()
-    history, last_checkpoint, corrupt = steps(plan, session, job, wrapped, params, optimizer, scheduler, loader,
-                                              first, total_steps)
-    return finish(plan, session, job, history, last_checkpoint, corrupt, total_steps, time.time() - started)
+    try:
+        history, last_checkpoint, corrupt = steps(plan, session, job, wrapped, params, optimizer, scheduler, loader,
+                                                  first, total_steps)
+        return finish(plan, session, job, history, last_checkpoint, corrupt, total_steps, time.time() - started)
+    finally:
+        # Not accelerator.end_training(): it also ends the process group, which the next run of a process still needs.
+        for tracker in accelerator.trackers:
+            tracker.finish()
 
 
 def restore(plan: RunPlan, model, optimizer, scheduler) -> int:
@@ -516,6 +570,9 @@ def open_run(plan: RunPlan, session: Session, job: Job, total_steps: int) -> Non
         record = {**dataclasses.asdict(session.cfg), "tuning": session.tuning.to_dict(), **job.record,
                   "num_processes": accelerator.num_processes, "dataset_size": len(job.dataset), "total_steps": total_steps}
         write_text_atomic(plan.run / "config.json", json.dumps(record, indent=2) + "\n")
+        with writing(plan.run, "choose an --output where you can write, or --report-to none"):
+            accelerator.init_trackers(PROJECT, config=tracker_config(record),
+                                      init_kwargs={"wandb": {"name": plan.run.name, "dir": str(plan.run)}})
     accelerator.wait_for_everyone()
 
 
@@ -524,8 +581,6 @@ def steps(plan, session, job, wrapped, params, optimizer, scheduler, loader, fir
     from tqdm.auto import tqdm
 
     cfg, accelerator, run = session.cfg, session.accelerator, plan.run
-    writer_class = tensorboard_writer() if cfg.tensorboard else None
-    writer = writer_class(str(run / "tensorboard")) if writer_class and accelerator.is_main_process else None
     metrics_path = run / "metrics.jsonl"
     history = [h for h in read_metrics(metrics_path) if h["step"] <= first]
     if accelerator.is_main_process:
@@ -536,6 +591,7 @@ def steps(plan, session, job, wrapped, params, optimizer, scheduler, loader, fir
     last_checkpoint = plan.checkpoint  # a resumed run's checkpoint is its last good one until it writes another
     corrupt = set()  # counted here, not in the dataset: DataLoader workers each hold their own copy of it
     size = len(job.dataset)
+    tuner_extra = {"data": cfg.data, **job.tuner_extra}
     try:  # the bar ends its line, so an error is printed on a line of its own
         for step in range(first, total_steps):
             tick = time.time()
@@ -558,25 +614,21 @@ def steps(plan, session, job, wrapped, params, optimizer, scheduler, loader, fir
                      "seconds_per_step": time.time() - tick, "peak_memory_mb": peak_memory_mb(session.device)}
             history.append(entry)
             if accelerator.is_main_process:
-                with writing(metrics_path, disk_hint(last_checkpoint)), metrics_path.open("a") as log:
-                    log.write(json.dumps(entry) + "\n")
-                if writer:
-                    for key in ("loss", "lr", "seconds_per_step"):
-                        writer.add_scalar(key, entry[key], step + 1)
-                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{entry['lr']:.2e}")
-                progress.update(1)
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                     last_checkpoint = save_checkpoint(run, step + 1, job.model, optimizer, scheduler, cfg,
-                                                      session.tuning, last_checkpoint)
+                                                      session.tuning, last_checkpoint, tuner_extra)
                     if job.on_checkpoint:
                         job.on_checkpoint()
                 if job.on_step:
-                    job.on_step(step + 1, last_checkpoint)
+                    entry.update(job.on_step(step + 1, last_checkpoint, step + 1 == total_steps) or {})
+                with writing(metrics_path, disk_hint(last_checkpoint)), metrics_path.open("a") as log:
+                    log.write(json.dumps(entry) + "\n")
+                session.log({k: v for k, v in entry.items() if k != "step"}, step + 1)
+                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{entry['lr']:.2e}")
+                progress.update(1)
             accelerator.wait_for_everyone()
     finally:
         progress.close()
-        if writer:
-            writer.close()
     return history, last_checkpoint, corrupt
 
 
@@ -594,7 +646,6 @@ def finish(plan, session, job, history, last_checkpoint, corrupt, total_steps: i
     """The final tuner, the loss curve and results.json (main process); the results."""
     from accelerate.utils import gather_object
 
-    from restune_sd.io import save_tuner
     from restune_sd.plots import loss_curve_png
 
     accelerator, run, cfg = session.accelerator, plan.run, session.cfg
@@ -604,11 +655,8 @@ def finish(plan, session, job, history, last_checkpoint, corrupt, total_steps: i
         if summary_line := job.dataset.corrupt_summary(corrupt):
             warn(summary_line)
         hint = disk_hint(last_checkpoint)
-        tuner_dir = run / "tuner"
-        if tuner_dir.exists():  # a resumed run replaces the final tuner of its earlier, shorter end
-            shutil.rmtree(tuner_dir)
-        with writing(tuner_dir, hint):
-            save_tuner(job.model, tuner_dir, extra={"trained_steps": total_steps, "data": cfg.data, **job.tuner_extra})
+        tuner_dir = run / "tuner"  # a resumed run replaces the final tuner of its earlier, shorter end
+        write_tuner(job.model, tuner_dir, {"trained_steps": total_steps, "data": cfg.data, **job.tuner_extra}, hint)
         if job.on_checkpoint:
             job.on_checkpoint()
         with writing(run / "loss.png", hint):

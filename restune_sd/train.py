@@ -47,12 +47,18 @@ class TrainConfig(RunConfig):
     gradient_checkpointing: bool = False
     attention: str = "auto"
     cache: bool = False  # VAE latents (per image and flip) and text embeddings, kept in RUN_DIR/cache.pt
-    validation_prompt: str | None = None
-    validation_every: int = 0
-    validation_steps: int = 25
+    validation_prompts: list[str] = field(default_factory=list, metadata={"help": "prompts of the validation images"})
+    validation_prompts_file: str | None = field(default=None, metadata={"help": "more validation prompts, one a line"})
+    validation_images: int = field(default=1, metadata={"help": "images per prompt, seeded seed, seed+1, ..."})
+    validation_every: int = field(default=0, metadata={"help": "validate every N steps (and at the end) (0: at the end)"})
+    validation_steps: int = field(default=25, metadata={"help": "denoising steps of each validation image"})
+    validation_data: str | None = field(default=None, metadata={"help": "PREFIX:ROOT held-out data for a validation loss"})
+    validation_split: str | None = field(default=None, metadata={"help": "its split (default: val where it has one)"})
+    validation_samples: int = field(default=16, metadata={"help": "held-out images the validation loss averages"})
 
     SAFE_ON_RESUME: ClassVar[tuple[str, ...]] = RunConfig.SAFE_ON_RESUME + (
-        "validation_prompt", "validation_every", "validation_steps", "attention", "gradient_checkpointing")
+        "validation_prompts", "validation_prompts_file", "validation_images", "validation_every", "validation_steps",
+        "validation_data", "validation_split", "validation_samples", "attention", "gradient_checkpointing")
     BOUNDS: ClassVar[dict] = {
         **RunConfig.BOUNDS, "resolution": {**WHOLE, "minimum": 8, "maximum": MAX_RESOLUTION, "optional": True},
         "snr_gamma": {"above": 0, "optional": True}, "noise_offset": {"minimum": 0},
@@ -60,10 +66,16 @@ class TrainConfig(RunConfig):
         "bucket_min_side": {**WHOLE, "minimum": 8, "optional": True},
         "bucket_max_side": {**WHOLE, "minimum": 8, "maximum": MAX_RESOLUTION, "optional": True},
         "validation_every": {**WHOLE, "minimum": 0}, "validation_steps": {**WHOLE, "minimum": 1},
+        "validation_images": {**WHOLE, "minimum": 1}, "validation_samples": {**WHOLE, "minimum": 1},
     }
 
     def __post_init__(self):
         super().__post_init__()
+        prompts = self.validation_prompts
+        self.validation_prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])  # one prompt is a list of one
+        if self.validation_every and not (self.validation_prompts or self.validation_prompts_file or self.validation_data):
+            raise UserError("--validation-every needs something to validate: --validation-prompt, --validation-prompts-file "
+                            "or --validation-data")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise UserError(f"unknown --prediction-type {self.prediction_type!r}: use epsilon or v_prediction")
         if self.cache and not self.center_crop:
@@ -189,21 +201,59 @@ def diffusion_loss(unet, encoders: Encoders, batch: dict, cfg: TrainConfig, step
     return per_sample.mean()
 
 
-def validation_image(comps: Components, unet, cfg: TrainConfig, step: int, run: Path, device) -> Path:
+def read_validation_prompts(cfg: TrainConfig) -> list[str]:
+    """The --validation-prompt prompts, then those of --validation-prompts-file (one a line, blank lines skipped)."""
+    if not cfg.validation_prompts_file:
+        return cfg.validation_prompts
+    path = Path(cfg.validation_prompts_file)
+    if not path.is_file():
+        raise UserError(f"--validation-prompts-file {path} does not exist: give a text file with one prompt a line")
+    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    if not lines:
+        raise UserError(f"--validation-prompts-file {path} holds no prompt: write one prompt a line")
+    return cfg.validation_prompts + lines
+
+
+def held_out_split(cfg: TrainConfig) -> str:
+    """--validation-split, or by default the data set's val split where its layout has one (else its only one, train)."""
+    from restune_sd.datasets.build import REGISTRY
+
+    layout = REGISTRY.get(cfg.validation_data.partition(":")[0].lower())
+    return cfg.validation_split or ("val" if layout and "val" in layout.splits else "train")
+
+
+def validation_images(comps: Components, unet, cfg: TrainConfig, prompts: list[str], device) -> list[list]:
+    """--validation-images images per prompt (rows = prompts); image i from seed + i, as `restune-sd sample` draws it."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=unet,
                                    scheduler=DDIMScheduler.from_config(comps.noise_scheduler.config), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    with torch.no_grad():
-        image = pipe(cfg.validation_prompt, num_inference_steps=cfg.validation_steps, generator=generator,
-                     height=cfg.resolution, width=cfg.resolution).images[0]
-    (run / "validation").mkdir(exist_ok=True)
-    path = run / "validation" / f"step-{step:08d}.png"
-    image.save(path)
-    return path
+    rows = []
+    for prompt in prompts:
+        generators = [torch.Generator(device=device).manual_seed(cfg.seed + i) for i in range(cfg.validation_images)]
+        with torch.no_grad():
+            rows.append(pipe([prompt] * cfg.validation_images, num_inference_steps=cfg.validation_steps,
+                             generator=generators, height=cfg.resolution, width=cfg.resolution).images)
+    return rows
+
+
+VALIDATION_DRAW = -1  # the `step` of the validation loss's draws: no training step has it, and it never changes
+
+
+@torch.no_grad()
+def validation_loss(unet, encoders: Encoders, held_out, cfg: TrainConfig, device) -> float:
+    """The denoising loss on up to --validation-samples held-out images spread over the set, its noise and timesteps
+    drawn from each image's index alone, so that the figure is comparable from one validation to the next."""
+    count = min(cfg.validation_samples, len(held_out))
+    chosen = [i * len(held_out) // count for i in range(count)]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(held_out, chosen), batch_size=cfg.batch_size)
+    total = 0.0
+    for batch in loader:
+        batch["position"] = batch["index"]
+        total += diffusion_loss(unet, encoders, batch, cfg, VALIDATION_DRAW, device).item() * len(batch["index"])
+    return total / count
 
 
 def diffusion_job(session: Session) -> Job:
@@ -232,6 +282,8 @@ def diffusion_job(session: Session) -> Job:
         require_resolution("--bucket-step", cfg.bucket_step, factor)
     resolution = cfg.resolution or pipeline_resolution(cfg.model)
     dataset = data(resolution) if resolution else None
+    prompts = read_validation_prompts(cfg)
+    held_out = held_out_data(cfg, resolution) if resolution else None
     quiet_loading()
     comps = load_components(cfg.model, session.device, session.dtype)
     if cfg.prediction_type:
@@ -241,6 +293,7 @@ def diffusion_job(session: Session) -> Job:
     if cfg.buckets:
         require_resolution("--bucket-step", cfg.bucket_step, 2 ** (len(comps.vae.config.block_out_channels) - 1))
     dataset = dataset or data(cfg.resolution)
+    held_out = held_out or held_out_data(cfg, cfg.resolution)
 
     torch.manual_seed(cfg.seed)  # the tuners' random initialisation
     unet = attach(comps.unet, session.tuning)
@@ -250,14 +303,49 @@ def diffusion_job(session: Session) -> Job:
         unet.train()
     encoders = Encoders(comps, session.dtype, session.run / "cache.pt" if cfg.cache else None)
 
-    def validate(step: int, last_checkpoint) -> None:
-        if cfg.validation_prompt and cfg.validation_every and step % cfg.validation_every == 0:
-            with writing(session.run / "validation", disk_hint(last_checkpoint)):
-                validation_image(comps, unet, cfg, step, session.run, session.device)
-
     return Job(unet, dataset, lambda model, batch, step: diffusion_loss(model, encoders, batch, cfg, step, session.device),
                record={"attention_backend": backend},
-               on_checkpoint=encoders.save, on_step=validate)
+               on_checkpoint=encoders.save, on_step=validator(session, comps, unet, prompts, held_out))
+
+
+def held_out_data(cfg: TrainConfig, resolution: int):
+    """The --validation-data set (None without it): centre crops, no flips, no caption dropout, the same at every look."""
+    from restune_sd.datasets import build_dataset
+
+    if not cfg.validation_data:
+        return None
+    return build_dataset(cfg.validation_data, split=held_out_split(cfg), resolution=resolution, center_crop=True,
+                         caption_template=cfg.caption_template, seed=cfg.seed, caption_extension=cfg.caption_extension,
+                         image_column=cfg.image_column, caption_column=cfg.caption_column)
+
+
+def validator(session: Session, comps: Components, unet, prompts: list[str], held_out):
+    """The job's on_step: every --validation-every steps and at the last, the validation images (written under
+    RUN_DIR/validation/step-XXXXXXXX/ and logged) and the held-out loss (returned as that step's metric)."""
+    from restune_sd.images import write_validation_folder
+
+    cfg = session.cfg
+    encoders = Encoders(comps, session.dtype, None)  # uncached: held-out indices would meet the training cache's keys
+
+    def validate(step: int, last_checkpoint, final: bool) -> dict:
+        due = final or (cfg.validation_every and step % cfg.validation_every == 0)
+        if not due or not (prompts or held_out is not None):
+            return {}
+        was_training, metrics, rows = unet.training, {}, []
+        unet.eval()
+        with session.accelerator.autocast():
+            if held_out is not None:
+                metrics["validation_loss"] = validation_loss(unet, encoders, held_out, cfg, session.device)
+            if prompts:
+                rows = validation_images(comps, unet, cfg, prompts, session.device)
+        unet.train(was_training)
+        if rows:
+            with writing(session.run / "validation", disk_hint(last_checkpoint)):
+                write_validation_folder(rows, prompts, session.run / "validation" / f"step-{step:08d}")
+            session.log_images({f"validation/prompt-{p:03d}": row for p, row in enumerate(rows)}, step)
+        return metrics
+
+    return validate
 
 
 def train(cfg: TrainConfig, given: set[str] | None = None) -> dict:

@@ -90,7 +90,7 @@ def test_resume_takes_every_setting_from_the_run(tiny, data, tmp_path):
     result = runner.invoke(app, ["train", "--model", str(link), "--data", data, "--output", str(run), "--max-steps", "4",
                                  "--resume", "latest"])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000003.pt", "step-00000004.pt"]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*.pt")) == ["step-00000003.pt", "step-00000004.pt"]
     saved = json.loads((run / "config.json").read_text())
     assert saved["noise_offset"] == 0.05 and saved["learning_rate"] == 1e-3 and saved["batch_size"] == 2
     assert saved["max_steps"] == 4
@@ -123,7 +123,7 @@ def test_a_checkpoint_that_cannot_be_written_leaves_no_partial_file(tiny, data, 
     monkeypatch.setattr(torch, "save", disk_fills_up)
     message = one_error_line(cli(tiny, data, tmp_path / "run", "--max-steps", "3", "--checkpoint-every", "1"))
     assert "disk is probably full" in message and "step-00000001.pt" in message and "--resume latest" in message
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000001.pt"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000001-tuner", "step-00000001.pt"]
     monkeypatch.setattr(torch, "save", real_save)
     assert cli(tiny, data, tmp_path / "run", "--max-steps", "3", "--resume", "latest").exit_code == 0
 

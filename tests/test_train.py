@@ -121,7 +121,8 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tiny, folder_
 
 def test_checkpoints_keep_the_last_k(tiny, folder_data, tmp_path):
     train(config(tiny, folder_data, tmp_path / "run", max_steps=5, checkpoint_every=1, keep_checkpoints=2))
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000004.pt", "step-00000005.pt"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step-00000004-tuner", "step-00000004.pt", "step-00000005-tuner", "step-00000005.pt"]
 
 
 def test_two_processes_match_one_process_with_the_combined_batch(tiny, folder_data, tmp_path):
@@ -226,7 +227,7 @@ OPTIONS = {
     "bf16 autocast": dict(mixed_precision="bf16"),
     "gradient checkpointing": dict(gradient_checkpointing=True),
     "cosine with warm-up and validation images": dict(lr_scheduler="cosine", warmup_steps=1, max_steps=3,
-                                                      validation_prompt="a red circle", validation_every=3, validation_steps=2),
+                                                      validation_prompts="a red circle", validation_every=3, validation_steps=2),
 }
 
 
@@ -239,7 +240,7 @@ def test_training_options(tiny, folder_data, tmp_path, name):
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     if "cosine" in name:
         assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
-        assert (tmp_path / "run" / "validation" / "step-00000003.png").is_file()
+        assert (tmp_path / "run" / "validation" / "step-00000003" / "prompt-000-image-00.png").is_file()
     if "v-prediction" in name:
         assert json.loads((tmp_path / "run" / "config.json").read_text())["prediction_type"] == "v_prediction"
 
