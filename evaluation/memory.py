@@ -20,10 +20,13 @@ def saved_activation_bytes(forward, model: torch.nn.Module | None = None) -> int
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in weights:
             storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
+        # A detached alias, not the tensor: a saved output handed back as itself would hold its own grad_fn, a
+        # reference cycle through C++ that the garbage collector cannot see, so every graph would stay alive.
+        return tensor.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        forward()
+        output = forward()  # held until counting ends, so no saved storage's address is reused by another
+    del output
     return sum(storages.values())
 
 
