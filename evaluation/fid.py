@@ -1,11 +1,26 @@
-"""FID and KID of a folder of generated images against a reference (a folder, COCO2017 val or saved statistics),
-on torch-fidelity's Inception-v3 pool features, the ones published FIDs use."""
+"""FID and KID of generated images against a reference (each a folder, COCO2017 val or saved statistics, ours or
+pytorch-fid's), on torch-fidelity's Inception-v3 pool features, the ones published FIDs use.
+
+How images reach Inception's 299x299 input, against the tools whose figures get compared:
+- torch-fidelity and pytorch-fid feed images as they are (a folder of mixed sizes does not batch in
+  torch-fidelity) and resize inside the network with bilinear interpolation and no antialiasing: torch-fidelity
+  bit-exact to TensorFlow 1.x (the original TTUR FID), pytorch-fid with torch's `F.interpolate`; the two differ
+  slightly unless images are already 299x299.
+- Here generated images are used as they are too; reference images (COCO's are of many sizes) are first brought
+  to the generated images' size by a bicubic, antialiased resize of the shorter side and a centre crop, so both
+  sides reach Inception at one size. With the default `--resize legacy-tensorflow` Inception then resizes both as
+  torch-fidelity does.
+- `--resize clean` is clean-fid's "clean" mode: a PIL bicubic (antialiased) resize to 299x299 before Inception,
+  so downsampling does not alias. clean-fid keeps the resized values in float; torch-fidelity's Inception takes
+  uint8, so here they are rounded (at most 0.5/255 per pixel).
+"""
 
 import io
 import json
 import math
 import os
 import pickle
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,22 +40,29 @@ INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 EXTRACTOR_NAME, FEATURE = "inception-v3-compat", "2048"
 FEATURE_DIM = 2048
 KID_SUBSET_SIZE = 1000
+RESIZE_MODES = ("legacy-tensorflow", "clean")
+INCEPTION_SIZE = 299
+ONE_OF_STATISTICS = "a .npz of Inception pool statistics (pytorch-fid's mu and sigma, or one written by --save-stats)"
 
 
 @dataclass
 class Statistics:
-    """What FID needs from one image set; `features` ([n, 2048] float32) only when KID needs them too."""
+    """What FID needs from one image set; `features` ([n, 2048] float32) only when KID needs them too.
+
+    `num_images` and `resize` are None for a file that does not record them (pytorch-fid's holds mu and sigma alone).
+    """
 
     mu: np.ndarray
     sigma: np.ndarray
-    num_images: int
+    num_images: int | None
     features: np.ndarray | None = None
+    resize: str | None = None
 
     @classmethod
-    def from_features(cls, features: np.ndarray, keep_features: bool = False) -> "Statistics":
+    def from_features(cls, features: np.ndarray, keep_features: bool = False, resize: str | None = None) -> "Statistics":
         features64 = features.astype(np.float64)
         return cls(mu=features64.mean(axis=0), sigma=np.cov(features64, rowvar=False), num_images=len(features),
-                   features=features if keep_features else None)
+                   features=features if keep_features else None, resize=resize)
 
 
 class StatisticsNotSaved(UserError):
@@ -54,9 +76,9 @@ class StatisticsNotSaved(UserError):
 def save_statistics(path, stats: Statistics) -> Path:
     """Write `stats` to a new .npz file (an existing file is never overwritten, a failed write leaves no file)."""
     path = new_statistics_path(path)
-    arrays = dict(mu=stats.mu, sigma=stats.sigma, num_images=np.int64(stats.num_images))
-    if stats.features is not None:
-        arrays["features"] = stats.features
+    arrays = dict(mu=stats.mu, sigma=stats.sigma)
+    optional = dict(num_images=stats.num_images, features=stats.features, resize=stats.resize)
+    arrays.update({key: np.asarray(value) for key, value in optional.items() if value is not None})
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as file:
@@ -80,23 +102,28 @@ def new_statistics_path(path) -> Path:
 
 
 def load_statistics(path) -> Statistics:
-    """Read a .npz file written by `save_statistics` (or `restune-sd fid --save-stats`)."""
+    """Read a .npz of Inception statistics: one written by `save_statistics` (or `restune-sd fid --save-stats`), or
+    pytorch-fid's (`mu`, `sigma`). Read without pickle; a damaged or foreign file is one UserError line."""
     path = Path(path)
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"statistics file {path} is not a .npz archive (damaged, or another format); give {ONE_OF_STATISTICS}")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read statistics file {path} ({_first_line(error)}); "
-                        "write one with `restune-sd fid ... --save-stats FILE.npz`") from None
-    missing = [key for key in ("mu", "sigma", "num_images") if key not in arrays]
-    if missing:
-        raise UserError(f"statistics file {path} lacks {', '.join(missing)}; "
-                        "write one with `restune-sd fid ... --save-stats FILE.npz`")
-    mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
-    if mu.shape != (FEATURE_DIM,) or sigma.shape != (FEATURE_DIM, FEATURE_DIM):
-        raise UserError(f"statistics file {path} holds {mu.shape[-1]}-d statistics, not Inception's {FEATURE_DIM}-d pool "
-                        "features; recompute them with `restune-sd fid ... --save-stats FILE.npz`")
-    return Statistics(mu=mu, sigma=sigma, num_images=int(arrays["num_images"]), features=arrays.get("features"))
+        mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
+        num_images = int(arrays["num_images"]) if "num_images" in arrays else None
+        resize = str(arrays["resize"]) if "resize" in arrays else None
+    except KeyError as error:
+        raise UserError(f"statistics file {path} has no {error.args[0]} array; give {ONE_OF_STATISTICS}") from None
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile) as error:
+        raise UserError(f"cannot read statistics file {path} ({_first_line(error)}); give {ONE_OF_STATISTICS}") from None
+    features = arrays.get("features")
+    if (mu.shape != (FEATURE_DIM,) or sigma.shape != (FEATURE_DIM, FEATURE_DIM)
+            or (features is not None and features.shape[1:] != (FEATURE_DIM,))):
+        raise UserError(f"statistics file {path} holds mu of shape {mu.shape} and sigma of shape {sigma.shape}, not "
+                        f"the ({FEATURE_DIM},) and ({FEATURE_DIM}, {FEATURE_DIM}) of Inception's pool features (or "
+                        "its features are not n x 2048); recompute them with `restune-sd fid ... --save-stats FILE.npz`")
+    return Statistics(mu=mu, sigma=sigma, num_images=num_images, features=features, resize=resize)
 
 
 def frechet_distance(a: Statistics, b: Statistics) -> float:
@@ -131,35 +158,40 @@ def kernel_distance(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 
 def compute_fid(generated, reference, *, kid: bool = False, inception_weights=None, device=None, batch_size: int = 50,
-                save_stats=None, resolution: int | None = None) -> dict:
-    """FID (and KID) of the images in folder `generated` against `reference`.
+                save_stats=None, resolution: int | None = None, resize: str = "legacy-tensorflow") -> dict:
+    """FID (and KID) of `generated` against `reference`.
 
-    `reference` is a folder of images, `coco:ROOT` (every image of ROOT/val2017) or a .npz written by `save_stats`.
-    Reference images are brought to `resolution` x `resolution` (default: the generated images' side, the shorter
-    one if they are not square) by a bicubic resize of the shorter side and a centre crop; generated images are used as they are and must all share one size. Inception
-    resizes everything to 299x299 itself. `save_stats` writes the reference's statistics to a new .npz (with the
-    features when `kid` is set, so that the file can serve KID later).
+    Each side is a folder of images or a .npz of statistics (ours or pytorch-fid's); `reference` may also be
+    `coco:ROOT` (every image of ROOT/val2017). Generated images are used as they are and must all share one size;
+    reference images are brought to `resolution` x `resolution` (default: the generated images' side, the shorter
+    one if they are not square) by a bicubic resize of the shorter side and a centre crop. `resize` is how both then
+    reach Inception's 299x299 (one of RESIZE_MODES; the module docstring compares them). `save_stats` writes the
+    reference's statistics to a new .npz (with the features when `kid` is set, so that the file can serve KID later).
     """
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    if resize not in RESIZE_MODES:
+        raise UserError(f"--resize must be one of {', '.join(RESIZE_MODES)}, not {resize!r}")
     if resolution is not None:
         require_number("--resolution", resolution, minimum=1, maximum=MAX_RESOLUTION, integer=True)
     if save_stats is not None:
         save_stats = new_statistics_path(save_stats)  # checked now, not after minutes of Inception
-    generated_paths = image_paths(generated, "generated")
-    sizes = image_sizes(generated_paths)
-    if len(sizes) > 1:
-        shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:5])
-        raise UserError(f"generated images in {generated} have mixed sizes ({shown}); generate them all at one size")
-    resolution = resolution or min(next(iter(sizes)))
-    reference_stats, reference_paths = resolve_reference(reference, kid)
+    generated_stats, generated_paths = resolve_side(generated, "generated", kid, resize)
+    if generated_paths is not None:
+        resolution = resolution or generated_side(generated, generated_paths)
+    reference_stats, reference_paths = resolve_side(reference, "reference", kid, resize)
+    if reference_paths is not None:
+        image_sizes(reference_paths)  # an unreadable file fails now, before the network is built
+        if resolution is None:
+            raise UserError(f"the generated side {generated} is a statistics file, so the size to bring the reference "
+                            "images to is unknown; pass --resolution (the generated images' side)")
 
-    extractor = inception(inception_weights, device)
-    generated_features = extract_features(extractor, generated_paths, batch_size, "generated")
-    generated_stats = Statistics.from_features(generated_features, keep_features=kid)
+    needs_images = generated_paths is not None or reference_paths is not None
+    extractor = inception(inception_weights, device) if needs_images else None
+    if generated_stats is None:
+        generated_stats = statistics_of(extractor, generated_paths, batch_size, "generated", kid, resize)
     if reference_stats is None:
-        reference_features = extract_features(extractor, reference_paths, batch_size, "reference", resolution)
-        reference_stats = Statistics.from_features(reference_features, keep_features=kid)
+        reference_stats = statistics_of(extractor, reference_paths, batch_size, "reference", kid, resize, resolution)
     for label, stats in (("generated", generated_stats), ("reference", reference_stats)):
         if not (np.isfinite(stats.mu).all() and np.isfinite(stats.sigma).all()):
             raise UserError(f"the {label} images' Inception features are not finite, so FID would be NaN; check "
@@ -181,29 +213,50 @@ def compute_fid(generated, reference, *, kid: bool = False, inception_weights=No
     return result
 
 
-def resolve_reference(reference, kid: bool = False) -> tuple[Statistics | None, list[Path] | None]:
-    """Saved statistics, or the image paths of a folder or of coco:ROOT (all readable), for `reference`."""
-    if str(reference).startswith("coco:"):
-        root = Path(str(reference)[len("coco:"):])
+def generated_side(folder, paths: list[Path]) -> int:
+    """The side reference images are brought to: the generated images' (the shorter one), which must share one size."""
+    sizes = image_sizes(paths)
+    if len(sizes) > 1:
+        shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:5])
+        raise UserError(f"generated images in {folder} have mixed sizes ({shown}); generate them all at one size")
+    return min(next(iter(sizes)))
+
+
+def statistics_of(extractor, paths: list[Path], batch_size: int, label: str, kid: bool, resize: str,
+                  resolution: int | None = None) -> Statistics:
+    features = extract_features(extractor, paths, batch_size, label, resolution, resize)
+    return Statistics.from_features(features, keep_features=kid, resize=resize)
+
+
+def resolve_side(spec, side: str, kid: bool = False, resize: str = "legacy-tensorflow"
+                 ) -> tuple[Statistics | None, list[Path] | None]:
+    """One side of the comparison: its saved statistics, or the paths of a folder's images (or, for the reference,
+    of coco:ROOT's val2017)."""
+    accepted = "a folder of images, " + ("coco:ROOT, " if side == "reference" else "") + "or " + ONE_OF_STATISTICS
+    if side == "reference" and str(spec).startswith("coco:"):
+        root = Path(str(spec)[len("coco:"):])
         if not (root / "val2017").is_dir():
             raise UserError(f"COCO2017 root {root} has no val2017 folder; give coco:ROOT where ROOT/val2017 holds the images")
-        paths = image_paths(root / "val2017", "reference")
-    elif Path(reference).is_file():
-        if Path(reference).suffix != ".npz":
-            raise UserError(f"reference {reference} is a file but not a .npz of statistics; give a folder of images, "
-                            "coco:ROOT or a .npz written by --save-stats")
-        stats = load_statistics(reference)
-        if kid and stats.features is None:
-            raise UserError(f"statistics file {reference} has no features, which KID needs; drop --kid, or save the "
-                            "statistics again with --kid --save-stats")
-        return stats, None
-    elif not Path(reference).exists():
-        raise UserError(f"reference {reference} does not exist; give a folder of images, coco:ROOT or a .npz written "
-                        "by --save-stats")
-    else:
-        paths = image_paths(reference, "reference")
-    image_sizes(paths)  # an unreadable file fails now, before the network is built
-    return None, paths
+        return None, image_paths(root / "val2017", side)
+    if Path(spec).is_file():
+        if Path(spec).suffix != ".npz":
+            raise UserError(f"{side} {spec} is a file but not a .npz of statistics; give {accepted}")
+        return checked_statistics(spec, kid, resize), None
+    if not Path(spec).exists():
+        raise UserError(f"{side} {spec} does not exist; give {accepted}")
+    return None, image_paths(spec, side)
+
+
+def checked_statistics(path, kid: bool, resize: str) -> Statistics:
+    """A statistics file that can serve this comparison: with features if KID is asked, made with the same resize."""
+    stats = load_statistics(path)
+    if kid and stats.features is None:
+        raise UserError(f"statistics file {path} has no features, which KID needs; drop --kid, or save the "
+                        "statistics again with --kid --save-stats")
+    if stats.resize not in (None, resize):
+        raise UserError(f"statistics file {path} was computed with --resize {stats.resize}; pass --resize "
+                        f"{stats.resize}, or recompute it with --resize {resize}")
+    return stats
 
 
 def image_paths(folder, side: str) -> list[Path]:
@@ -238,8 +291,9 @@ def image_sizes(paths: list[Path]) -> set[tuple[int, int]]:
     return sizes
 
 
-def load_image(path: Path, resolution: int | None = None) -> torch.Tensor:
-    """One image as the uint8 [3, H, W] tensor torch-fidelity expects, optionally resized and centre-cropped."""
+def load_image(path: Path, resolution: int | None = None, resize: str = "legacy-tensorflow") -> torch.Tensor:
+    """One image as the uint8 [3, H, W] tensor torch-fidelity expects: optionally resized and centre-cropped to
+    `resolution`, then with `resize="clean"` brought to 299x299 by PIL's bicubic filter as clean-fid does."""
     try:
         with Image.open(path) as image:
             image = to_rgb(image)
@@ -247,6 +301,8 @@ def load_image(path: Path, resolution: int | None = None) -> torch.Tensor:
         raise _unreadable(path, error) from None
     if resolution is not None:
         image = resize_center_crop(image, resolution)
+    if resize == "clean":
+        image = image.resize((INCEPTION_SIZE, INCEPTION_SIZE), Image.Resampling.BICUBIC)
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
@@ -309,14 +365,15 @@ def _not_inception(weights, error: Exception) -> UserError:
 
 
 @torch.no_grad()
-def extract_features(extractor, paths: list[Path], batch_size: int, label: str, resolution: int | None = None) -> np.ndarray:
+def extract_features(extractor, paths: list[Path], batch_size: int, label: str, resolution: int | None = None,
+                     resize: str = "legacy-tensorflow") -> np.ndarray:
     """The [n, 2048] float32 pool features of `paths`, decoded in threads, batched, with a progress bar."""
     device = next(extractor.parameters()).device
     batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
     features = []
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         for batch in tqdm(batches, desc=f"Inception features ({label})", unit="batch"):
-            images = torch.stack(list(pool.map(lambda path: load_image(path, resolution), batch)))
+            images = torch.stack(list(pool.map(lambda path: load_image(path, resolution, resize), batch)))
             features.append(extractor(images.to(device))[0].cpu())
     return torch.cat(features).numpy()
 

@@ -219,3 +219,54 @@ def test_a_sample_folder_is_read_through_its_samples_jsonl(images, weights, gene
     result = compute_fid(folder, images["reference"], inception_weights=weights, device="cpu")
     assert result["num_generated"] == len(names)
     assert result["fid"] == pytest.approx(generated_vs_reference[0]["fid"], abs=1e-6)
+
+
+def pytorch_fid_file(path, stats):
+    """Statistics as pytorch-fid's `--save-stats` writes them: mu and sigma alone, compressed."""
+    np.savez_compressed(path, mu=stats.mu, sigma=stats.sigma)
+    return path
+
+
+def test_pytorch_fid_statistics_serve_either_side(generated_vs_reference, images, weights, tmp_path):
+    result, ours = generated_vs_reference
+    theirs = pytorch_fid_file(tmp_path / "pytorch-fid.npz", load_statistics(ours))
+    as_reference = compute_fid(images["generated"], theirs, inception_weights=weights)
+    assert as_reference["fid"] == pytest.approx(result["fid"], rel=1e-9)
+    assert (as_reference["num_generated"], as_reference["num_reference"]) == (8, None)
+    # FID is symmetric, so statistics on the generated side give the figure with the sides swapped.
+    swapped = compute_fid(theirs, images["generated"], inception_weights=weights, resolution=32)
+    assert swapped["fid"] == pytest.approx(result["fid"], rel=1e-6) and swapped["num_generated"] is None
+    ran = runner.invoke(app, ["fid", str(images["generated"]), str(theirs), "--inception-weights", str(weights)])
+    assert ran.exit_code == 0 and "an unknown number of reference images" in ran.stdout, ran.output
+
+
+def test_statistics_on_the_generated_side_need_the_reference_size(generated_vs_reference, images, weights):
+    with pytest.raises(UserError, match="pass --resolution"):
+        compute_fid(generated_vs_reference[1], images["reference"], inception_weights=weights)
+
+
+def resized_copy(folder, target, size):
+    target.mkdir()
+    for path in sorted(folder.iterdir()):
+        Image.open(path).resize((size, size), Image.Resampling.BICUBIC).save(target / path.name)
+    return target
+
+
+def test_clean_resize_is_a_pil_bicubic_resize_to_299_before_inception(images, weights, tmp_path):
+    clean = compute_fid(images["generated"], images["reference"], inception_weights=weights, resize="clean")
+    # By hand: PIL bicubic to 299x299, after which Inception's own resize to 299x299 leaves the pixels as they are.
+    by_hand = compute_fid(resized_copy(images["generated"], tmp_path / "generated", 299),
+                          resized_copy(images["reference"], tmp_path / "reference", 299), inception_weights=weights)
+    assert clean["fid"] == pytest.approx(by_hand["fid"], rel=1e-6)
+    legacy = compute_fid(images["generated"], images["reference"], inception_weights=weights)
+    assert abs(clean["fid"] - legacy["fid"]) > 1e-3 * legacy["fid"]  # the two modes do differ on 32x32 images
+
+
+def test_statistics_remember_their_resize_mode(images, weights, tmp_path):
+    stats = tmp_path / "clean.npz"
+    compute_fid(images["generated"], images["reference"], inception_weights=weights, resize="clean", save_stats=stats)
+    assert load_statistics(stats).resize == "clean"
+    with pytest.raises(UserError, match="--resize clean"):
+        compute_fid(images["generated"], stats, inception_weights=weights)
+    with pytest.raises(UserError, match="--resize must be one of legacy-tensorflow, clean"):
+        compute_fid(images["generated"], images["reference"], inception_weights=weights, resize="bilinear")

@@ -87,3 +87,30 @@ def test_16_bit_and_float_images_keep_their_brightness(tmp_path):
     Image.fromarray(np.full((8, 8), 200.0, np.float32)).save(too_bright)
     with pytest.raises(Exception, match="no known white level"):
         load_image(too_bright)
+
+
+def foreign_statistics(folder, marker) -> dict:
+    """{file: a phrase its error must carry} for statistics files that are damaged, foreign or would run code."""
+    folder.mkdir()
+    d = 2048
+    good = dict(mu=np.zeros(d), sigma=np.eye(d))
+    np.savez(folder / "good.npz", **good)
+    (folder / "truncated.npz").write_bytes((folder / "good.npz").read_bytes()[:5000])
+    (folder / "text.npz").write_text("mu,sigma\n")
+    np.savez(folder / "no-sigma.npz", mu=good["mu"])
+    np.savez(folder / "64-d.npz", mu=np.zeros(64), sigma=np.eye(64))
+    np.savez(folder / "pickled.npz", mu=np.array([RunsCode(marker)], dtype=object), sigma=good["sigma"])
+    np.savez(folder / "strings.npz", mu=np.array(["a"] * d), sigma=good["sigma"])
+    return {"truncated.npz": "not a .npz archive", "text.npz": "not a .npz archive",
+            "no-sigma.npz": "has no sigma array", "64-d.npz": "shape (64,)", "pickled.npz": "cannot read statistics file",
+            "strings.npz": "cannot read statistics file"}
+
+
+def test_damaged_or_foreign_statistics_are_one_line_and_never_unpickled(folders, weights, tmp_path):
+    marker = tmp_path / "marker"
+    for name, phrase in foreign_statistics(tmp_path / "stats", marker).items():
+        for args in ([str(folders / "generated"), str(tmp_path / "stats" / name)],
+                     [str(tmp_path / "stats" / name), str(folders / "reference"), "--resolution", "32"]):
+            message = one_error_line(runner.invoke(app, ["fid", *args, "--inception-weights", str(weights)]))
+            assert phrase in message and name in message, (name, message)
+    assert not marker.exists()
