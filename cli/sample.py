@@ -13,7 +13,7 @@ from restune_sd.cli.common import user_errors
 def sample(
     model: Annotated[str, typer.Option(help="diffusers Stable Diffusion pipeline folder or hub id")],
     out: Annotated[Path, typer.Option(help="output folder (re-running the same job resumes it)")],
-    tuner: Annotated[list[str] | None, typer.Option(help="tuner folder or run directory; repeat for several (none: the plain model)")] = None,
+    tuner: Annotated[list[str] | None, typer.Option(help="tuner folder, run directory, or a LoRA .safetensors file (diffusers or kohya) or folder; repeat for several (none: the plain model)")] = None,
     prompt: Annotated[list[str] | None, typer.Option(help="a prompt; repeatable")] = None,
     prompts_file: Annotated[str | None, typer.Option(help="a text file of prompts, one a line")] = None,
     coco: Annotated[str | None, typer.Option(help="COCO2017 root: caption the first --num-images val2017 images")] = None,

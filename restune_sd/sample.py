@@ -21,6 +21,8 @@ from restune_sd.files import read_json, write_atomic, write_text_atomic, writing
 
 SCHEDULERS = ("ddim", "dpm", "pndm", "euler")
 SETTINGS_FILE = "sample_config.json"
+# LoRA files in pickle formats: refused, since loading one can run code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass
@@ -84,16 +86,79 @@ def read_prompts(cfg: SampleConfig) -> tuple[list[str], list | None]:
     return prompts, items
 
 
-def job_identity(cfg: SampleConfig, prompts: list[str], tuner: str | None) -> dict:
-    """What makes two runs the same job: the model (resolved), the tuner and prompts by content, the settings."""
+def foreign_lora(tuner: str) -> Path | None:
+    """The LoRA file another tool wrote that `tuner` names (a `.safetensors` file, or a folder holding diffusers'
+    `pytorch_lora_weights.safetensors` and no restune-sd config), or None for a restune-sd tuner or run directory."""
+    from restune_sd.io import CONFIG_FILE, LORA_FILE, WEIGHTS_FILE
+
+    path = Path(tuner)
+    if not path.exists():
+        raise UserError(f"--tuner {tuner} does not exist: pass a tuner folder, a run directory or a LoRA .safetensors file")
+    if path.is_dir():
+        found = sorted(path.glob(LORA_FILE.replace(".safetensors", ".*")), key=lambda p: p.suffix != ".safetensors")
+        if (path / CONFIG_FILE).is_file() or not found:
+            return None  # a restune-sd tuner or run directory (load_tuner says what one lacks)
+        path = found[0]
+    if path.name == WEIGHTS_FILE and (path.parent / CONFIG_FILE).is_file():
+        raise UserError(f"--tuner {tuner} is a restune-sd tuner's weights file: pass its folder {path.parent}")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UserError(f"--tuner {path} is a pickle ({path.suffix}), which can run code when loaded: use a .safetensors LoRA")
+    if path.suffix.lower() != ".safetensors":
+        raise UserError(f"--tuner {tuner} is neither a restune-sd tuner folder or run directory nor a LoRA .safetensors file")
+    check_lora_names(path)
+    return path
+
+
+def check_lora_names(path: Path) -> None:
+    """Read a LoRA file's tensor names (not its data): a damaged file, or one without LoRA weights, is refused here."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            names = list(f.keys())
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(f"--tuner {path} is not a readable .safetensors file ({str(error).splitlines()[0]})") from None
+    if not any("lora" in name for name in names):
+        raise UserError(f"--tuner {path} holds no LoRA weights (no tensor name contains 'lora'): pass a LoRA file")
+
+
+def tuner_identity(tuner: str | None) -> str | None:
+    """A tuner's content digest: restune-sd's config and weights, or the foreign LoRA file's bytes."""
     from restune_sd.io import tuner_digest
 
+    if tuner is None:
+        return None
+    lora = foreign_lora(tuner)
+    return hashlib.sha256(lora.read_bytes()).hexdigest() if lora else tuner_digest(tuner)
+
+
+def job_identity(cfg: SampleConfig, prompts: list[str], tuner: str | None) -> dict:
+    """What makes two runs the same job: the model (resolved), the tuner and prompts by content, the settings."""
     local = Path(cfg.model).expanduser()
     settings = {k: v for k, v in dataclasses.asdict(cfg).items()
                 if k not in ("out", "tuners", "batch_size", "attention", "prompts", "prompts_file", "coco", "model")}
     return {**settings, "model": str(local.resolve()) if local.exists() else cfg.model,
             "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
-            "tuner_sha256": tuner_digest(tuner) if tuner else None}
+            "tuner_sha256": tuner_identity(tuner)}
+
+
+def load_foreign_lora(pipe, path: Path) -> None:
+    """A LoRA written by another tool (diffusers or kohya keys) through the pipeline's own loader, which must apply it."""
+    from diffusers.utils import logging
+    from safetensors import SafetensorError
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()  # its "no LoRA keys for the text encoder" warning is normal for UNet-only LoRAs
+    try:
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    except (ValueError, RuntimeError, KeyError, OSError, SafetensorError) as error:
+        reason = " ".join(str(error).split())[:300]
+        raise UserError(f"--tuner {path} is not a LoRA diffusers can apply to this model: {reason}") from None
+    finally:
+        logging.set_verbosity(level)
+    if not any(pipe.get_list_adapters().values()):
+        raise UserError(f"--tuner {path} holds no LoRA weights for this model's UNet or text encoder (a LoRA for another "
+                        "architecture?)")
 
 
 def make_scheduler(name: str, config):
@@ -118,7 +183,10 @@ def load_pipeline(model: str, tuner: str | None, device, dtype, attention: str):
     except OSError as error:
         where = "" if Path(model).exists() else "no local folder of that name exists, and as a hub id: "
         raise UserError(f"cannot load a Stable Diffusion pipeline from {model!r}: {where}{str(error).splitlines()[0]}") from None
-    if tuner:
+    lora = foreign_lora(tuner) if tuner else None
+    if lora:
+        load_foreign_lora(pipe, lora)
+    elif tuner:
         load_tuner(pipe, tuner)
     set_attention_backend(pipe.unet, attention)
     pipe.set_progress_bar_config(disable=True)
@@ -144,6 +212,8 @@ def contact_sheet(paths: list[Path], out: Path, limit: int = 64) -> Path | None:
 
 def tuner_folder_name(tuner: str) -> str:
     path = Path(tuner)
+    if path.suffix == ".safetensors":  # a foreign LoRA file
+        return path.stem
     return path.parent.name if path.name == "tuner" else path.name
 
 
