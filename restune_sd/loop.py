@@ -490,7 +490,7 @@ def start(cfg: RunConfig, backbone: str, early_files: tuple[str, ...], given: se
     AcceleratorState._reset_state(reset_partial_state=False)
     # cpu=True without CUDA: that is what makes accelerate join several launched processes over gloo.
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation,
-                              cpu=not torch.cuda.is_available(), log_with=trackers,
+                              cpu=not torch.cuda.is_available(), log_with=trackers or None,
                               project_config=ProjectConfiguration(project_dir=str(plan.run),
                                                                   logging_dir=str(plan.run / "tensorboard")))
     if cfg.mixed_precision == "fp16" and accelerator.device.type != "cuda":
