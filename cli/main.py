@@ -28,6 +28,8 @@ for _name, _what in PENDING.items():
     app.command(_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(pending_command(_name, _what))
 from restune_sd.cli.fid import fid
 app.command("fid")(fid)
+from restune_sd.cli.bench import bench
+app.command("bench")(bench)
 
 if __name__ == "__main__":  # `accelerate launch -m restune_sd.cli.main train ...`
     app()

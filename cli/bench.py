@@ -1,0 +1,36 @@
+"""`restune-sd bench sd|vit`: every tuner's parameters, peak memory, step time and sampling speed, side by side."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from restune_sd.cli.common import user_errors
+
+
+@user_errors
+def bench(
+    kind: Annotated[str, typer.Argument(help="sd (the UNet) or vit (a ViT classifier)")],
+    output: Annotated[Path, typer.Option(help="folder for results.json, results.md and chart.png")],
+    tuners: Annotated[str | None, typer.Option(help="comma-separated presets (default sd: full,lora,adapter,prefix,prompt,res-tuning,bypass; vit adds linear)")] = None,
+    model: Annotated[str | None, typer.Option(help="sd15 / vit-b16 (random weights, the default) or a model folder")] = None,
+    resolution: Annotated[int | None, typer.Option(help="image side (default: the model's own, 512 / 224)")] = None,
+    batch: Annotated[int, typer.Option(help="images per step")] = 1,
+    precision: Annotated[str, typer.Option(help="fp32, bf16, or fp16 (CUDA only)")] = "fp32",
+    steps: Annotated[int, typer.Option(help="timed AdamW steps per contender and repeat")] = 3,
+    warmup: Annotated[int, typer.Option(help="untimed steps before them")] = 1,
+    repeats: Annotated[int, typer.Option(help="interleaved rounds; figures are their medians")] = 1,
+    sample_steps: Annotated[int, typer.Option(help="SD: DDIM steps timed per image; ViT: inference batches timed")] = 4,
+    device: Annotated[str | None, typer.Option(help="torch device (default: cuda if available, else cpu)")] = None,
+    through_cli: Annotated[bool, typer.Option(help="SD: also measure each tuner through `restune-sd train` (text encoder, VAE, data)")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace results already in --output")] = False,
+):
+    """Measure each tuner in a fresh process of its own, with ratios to LoRA and to full fine-tuning from the same run."""
+    from restune_sd.evaluation.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(kind=kind, output=output, tuners=tuners.split(",") if tuners else None, model=model,
+                      resolution=resolution, batch=batch, precision=precision, steps=steps, warmup=warmup,
+                      repeats=repeats, sample_steps=sample_steps, device=device, through_cli=through_cli,
+                      overwrite=overwrite)
+    run_bench(cfg)
+    typer.echo((output / "results.md").read_text())

@@ -1,0 +1,109 @@
+"""`restune-sd bench` on the tiny models: every figure present and positive, ratios the quotients of the figures,
+the train-CLI path measured, and bad input refused before anything runs. The figures themselves are not asserted."""
+
+import json
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from restune_sd.cli.main import app
+from restune_sd.tiny import write_tiny_sd, write_tiny_vit
+
+runner = CliRunner()
+QUICK = ["--steps", "1", "--warmup", "1", "--sample-steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"sd": write_tiny_sd(root / "sd"), "vit": write_tiny_vit(root / "vit")}
+
+
+def bench(kind, model, output, *more):
+    ran = runner.invoke(app, ["bench", kind, "--model", str(model), "--output", str(output), *QUICK, *more])
+    assert ran.exit_code == 0, ran.output
+    return json.loads((output / "results.json").read_text())
+
+
+def check_figures(result, speed_key, library_rows):
+    rows = {row["contender"]: row for row in result["rows"]}
+    assert list(rows) == library_rows + [name for name in rows if name not in library_rows]
+    for name, row in rows.items():
+        assert "error" not in row, row
+        assert row["trainable_params"] > 0 and row["peak_mb"] > 0
+        assert 0 < row["step_seconds_min"] <= row["step_seconds"] <= row["step_seconds_max"]
+        if name in library_rows:
+            assert row["weights_mb"] > 0 and row[speed_key] > 0 and row[f"bare_{speed_key}"] > 0
+            assert row["above_weights_mb"] == pytest.approx(row["peak_mb"] - row["weights_mb"])
+        suffix = name.removeprefix(name.split(" ")[0])  # "" or " (train CLI)": ratios stay on one path
+        for base in ("lora", "full"):
+            reference = rows[base + suffix]
+            ratios = row[f"ratio_to_{base}"]
+            assert {"trainable_params", "peak_mb", "step_seconds"} <= set(ratios)
+            for key, ratio in ratios.items():
+                assert ratio == pytest.approx(row[key] / reference[key]), (name, base, key)
+    return rows
+
+
+def check_files(output, rows):
+    table = (output / "results.md").read_text()
+    for name in rows:
+        assert f"| {name} |" in table
+    with Image.open(output / "chart.png") as chart:
+        assert chart.format == "PNG" and chart.width > 100
+
+
+def test_bench_sd_library_and_train_cli(tiny, tmp_path):
+    output = tmp_path / "sd"
+    result = bench("sd", tiny["sd"], output, "--tuners", "lora,full", "--through-cli")
+    rows = check_figures(result, "sample_seconds_per_image", ["lora", "full"])
+    assert set(rows) == {"lora", "full", "lora (train CLI)", "full (train CLI)"}
+    # full trains every UNet weight, LoRA far fewer; the train CLI counts the same parameters as the library.
+    from restune_sd.models import load_unet
+
+    assert rows["full"]["trainable_params"] == sum(p.numel() for p in load_unet(str(tiny["sd"])).parameters())
+    assert rows["lora"]["trainable_params"] < rows["full"]["trainable_params"]
+    for name in ("lora", "full"):
+        assert rows[f"{name} (train CLI)"]["trainable_params"] == rows[name]["trainable_params"]
+    assert result["environment"]["command"].startswith("restune-sd bench sd --output")
+    assert result["paper"]["memory_gb"]["bypass"] == 21.35
+    check_files(output, rows)
+
+    again = runner.invoke(app, ["bench", "sd", "--model", str(tiny["sd"]), "--output", str(output), *QUICK])
+    assert again.exit_code == 2 and "--overwrite" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    assert json.loads((output / "results.json").read_text()) == result
+
+
+def test_bench_vit(tiny, tmp_path):
+    result = bench("vit", tiny["vit"], tmp_path / "vit", "--tuners", "full,lora,linear", "--batch", "2")
+    rows = check_figures(result, "images_per_second", ["full", "lora", "linear"])
+    assert rows["linear"]["trainable_params"] < rows["lora"]["trainable_params"] < rows["full"]["trainable_params"]
+    check_files(tmp_path / "vit", rows)
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (["sd", "--tuners", "lora,nope"], "--tuners must name distinct presets"),
+    (["vit", "--tuners", "lora,lora"], "--tuners must name distinct presets"),
+    (["sd", "--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
+    (["sd", "--precision", "fp8"], "unknown --precision"),
+    (["vit", "--through-cli"], "drop it for vit"),
+    (["sd", "--model", "vit-b16"], "is not an SD backbone"),
+    (["sd", "--model", "no/such/folder"], "nor an existing model folder"),
+    (["sd", "--resolution", "100", "--model", "sd15"], "multiple of 8"),
+    (["sd", "--batch", "0"], "--batch"),
+    (["sd", "--device", "nowhere"], "cannot use device 'nowhere'"),
+    (["banana"], "use sd or vit"),
+])
+def test_bad_input_is_one_line_before_anything_runs(args, phrase, tmp_path):
+    output = tmp_path / "out"
+    ran = runner.invoke(app, ["bench", *args, "--output", str(output)])
+    assert ran.exit_code == 2, ran.output
+    lines = ran.stderr.strip().splitlines()
+    assert len(lines) == 1 and phrase in lines[0] and "Traceback" not in ran.output, lines
+    assert not output.exists()
+
+
+def test_a_model_of_the_other_kind_is_refused(tiny, tmp_path):
+    ran = runner.invoke(app, ["bench", "sd", "--model", str(tiny["vit"]), "--output", str(tmp_path / "out")])
+    assert ran.exit_code == 2 and "not a Stable Diffusion model folder" in ran.stderr, ran.output
