@@ -26,7 +26,7 @@ from torch import nn
 
 from restune_sd.config import BypassSpec
 from restune_sd.sites import hidden_input
-from restune_sd.tuners import GroupedLinear, ResAdapter, _channels_back, _channels_last
+from restune_sd.tuners import GroupedLinear, ResAdapter
 
 
 class BypassLadder(nn.Module):
@@ -53,10 +53,15 @@ class BypassLadder(nn.Module):
         self.lam = nn.Parameter(torch.full((len(channels),), float(spec.lam)))
 
     def _bring(self, project: nn.Module, state: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """`P_l(up(state))`: the previous stage's tensor at this stem's resolution and width."""
+        """`P_l(up(state))`: the previous stage's tensor at this stem's resolution and width.
+
+        Computed as `up(P_l(state))`, the same map (a 1x1 projection commutes with nearest upsampling) at a quarter of
+        the cost, and what it keeps for backward is the smaller tensor.
+        """
+        state = project(state)
         if state.ndim == 4 and state.shape[-2:] != like.shape[-2:]:
             state = F.interpolate(state, size=like.shape[-2:], mode="nearest")
-        return _channels_back(project(_channels_last(state)), state)
+        return state
 
     def forward(self, root: torch.Tensor, stems: list[torch.Tensor]) -> torch.Tensor:
         if len(stems) != len(self.horizontal):
@@ -70,7 +75,7 @@ class BypassLadder(nn.Module):
             if self.form == "paper":
                 state = lam * (x + h(x)) + (1 - lam) * (below + v(below))
             else:
-                correction = self._bring(project, correction, x) + lam * h(x) + (1 - lam) * v(below)
+                correction = self._bring(project, correction, x) + h(x, lam) + v(below, 1 - lam)
                 state = x + correction
         return state.to(stems[-1].dtype)
 

@@ -7,22 +7,18 @@ the bound originals reuse the same parameter containers with the original wiring
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from restune_sd.errors import UserError
 
 
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    """Feature maps (B, C, H, W) are tuned per pixel over channels: move C last."""
-    return x.movedim(1, -1) if x.ndim == 4 else x
-
-
-def _channels_back(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return y.movedim(-1, 1) if like.ndim == 4 else y
-
-
 class GroupedLinear(nn.Module):
-    """A linear map over the last dimension, block-diagonal in `groups` groups (a grouped 1x1 conv)."""
+    """A linear map over channels, block-diagonal in `groups` groups (a grouped 1x1 conv).
+
+    Tokens (..., C) go through `F.linear` (one group) or a grouped einsum; feature maps (B, C, H, W) through a 1x1
+    `conv2d` in place, so no channels-last copy of the input is made or kept for backward.
+    """
 
     def __init__(self, in_features: int, out_features: int, groups: int = 1, bias: bool = True):
         super().__init__()
@@ -34,16 +30,28 @@ class GroupedLinear(nn.Module):
         bound = 1 / math.sqrt(in_features // groups)  # nn.Linear's default init, per group
         nn.init.uniform_(self.weight, -bound, bound)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grouped = x.unflatten(-1, (self.groups, -1))
-        y = torch.einsum("...gi,gio->...go", grouped, self.weight).flatten(-2)
-        return y + self.bias if self.bias is not None else y
+    def matrix(self) -> torch.Tensor:
+        """The weight as (out, in / groups), output channels in group order: F.linear's and conv2d's layout."""
+        return self.weight.transpose(1, 2).flatten(0, 1)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`x` through this map, or through `weight`/`bias` given in `matrix()`'s layout (e.g. with a gain folded in)."""
+        if weight is None:
+            weight, bias = self.matrix(), self.bias
+        if x.ndim == 4:
+            return F.conv2d(x, weight[..., None, None], bias, groups=self.groups)
+        if self.groups == 1:
+            return F.linear(x, weight, bias)
+        y = torch.einsum("...gi,goi->...go", x.unflatten(-1, (self.groups, -1)), weight.unflatten(0, (self.groups, -1)))
+        return y.flatten(-2) + bias if bias is not None else y.flatten(-2)
 
 
 class ResAdapter(nn.Module):
     """`s * W_up(GELU(W_down x + b_down)) + b_up` over channels; zero-initialised W_up, b_up give a zero branch.
 
     Works on tokens (..., C) and on feature maps (B, C, H, W). Parameters: 2*C*L/groups + L + C + 1 (the scale).
+    A `gain` (the bypass's lambda) multiplies the branch; it and `s` are folded into W_up and b_up, so no
+    full-width tensor is kept for their gradients, only the bottleneck activations.
     """
 
     def __init__(self, channels: int, bottleneck: int, groups: int = 1, scale: float = 1.0):
@@ -55,10 +63,10 @@ class ResAdapter(nn.Module):
         self.scale = nn.Parameter(torch.tensor(float(scale)))
         nn.init.zeros_(self.up.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = _channels_last(x).to(self.down.weight.dtype)
-        h = self.scale * self.up(self.act(self.down(h))) + self.bias
-        return _channels_back(h, x).to(x.dtype)
+    def forward(self, x: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.act(self.down(x.to(self.down.weight.dtype)))
+        up_gain, bias = (self.scale, self.bias) if gain is None else (self.scale * gain, self.bias * gain)
+        return self.up(hidden, self.up.matrix() * up_gain, bias).to(x.dtype)
 
 
 def _free_scale(scale: float, gate: str) -> nn.Parameter | None:
