@@ -22,6 +22,7 @@ def bench(
     repeats: Annotated[int, typer.Option(help="interleaved rounds; figures are their medians")] = 1,
     sample_steps: Annotated[int, typer.Option(help="SD: DDIM steps timed per image; ViT: inference batches timed")] = 4,
     device: Annotated[str | None, typer.Option(help="torch device (default: cuda if available, else cpu)")] = None,
+    attention: Annotated[str, typer.Option(help="SD: auto, xformers or sdpa (auto: xformers where usable)")] = "auto",
     through_cli: Annotated[bool, typer.Option(help="SD: also measure each tuner through `restune-sd train` (text encoder, VAE, data)")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace results already in --output")] = False,
 ):
@@ -30,7 +31,8 @@ def bench(
 
     cfg = BenchConfig(kind=kind, output=output, tuners=tuners.split(",") if tuners else None, model=model,
                       resolution=resolution, batch=batch, precision=precision, steps=steps, warmup=warmup,
-                      repeats=repeats, sample_steps=sample_steps, device=device, through_cli=through_cli,
+                      repeats=repeats, sample_steps=sample_steps, device=device,
+                      attention=attention, through_cli=through_cli,
                       overwrite=overwrite)
     run_bench(cfg)
     typer.echo((output / "results.md").read_text())

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from restune_sd.attention import resolve_backend
 from restune_sd.bounds import MAX_RESOLUTION, require_number, require_resolution
 from restune_sd.config import preset, preset_names
 from restune_sd.errors import UserError
@@ -71,6 +72,7 @@ class BenchConfig:
     repeats: int = field(default=1, metadata={"help": "interleaved rounds; figures are medians over them"})
     sample_steps: int = field(default=4, metadata={"help": "SD: denoising steps timed; ViT: inference batches timed"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available, else cpu)"})
+    attention: str = field(default="auto", metadata={"help": "SD: auto, xformers or sdpa (auto: xformers where usable)"})
     through_cli: bool = field(default=False, metadata={"help": "SD: also measure each tuner through `restune-sd train`"})
     overwrite: bool = field(default=False, metadata={"help": "replace results already in the output folder"})
 
@@ -90,6 +92,8 @@ class BenchConfig:
             require_number(f"--{name.replace('_', '-')}", getattr(self, name), minimum=minimum, maximum=10_000, integer=True)
         if self.through_cli and self.kind != "sd":
             raise UserError("--through-cli measures `restune-sd train`, which trains SD: drop it for vit")
+        if self.attention != "auto" and self.kind != "sd":
+            raise UserError("--attention chooses the UNet's attention kernels: drop it for vit")
 
 
 def check(cfg: BenchConfig) -> BenchConfig:
@@ -102,6 +106,8 @@ def check(cfg: BenchConfig) -> BenchConfig:
                         "or a device this machine has") from None
     if cfg.precision == "fp16" and torch.device(device).type != "cuda":
         raise UserError("--precision fp16 needs a CUDA device (CPU kernels for fp16 are slow or missing); use bf16 or fp32")
+    # An unusable xformers fails here, in one line, not in every child.
+    attention = resolve_backend(cfg.attention) if cfg.kind == "sd" else cfg.attention
     model = model_spec(cfg)
     resolution = cfg.resolution or native_side(cfg.kind, model)
     if cfg.kind == "sd":
@@ -113,7 +119,7 @@ def check(cfg: BenchConfig) -> BenchConfig:
     held = [name for name in RESULT_FILES if (cfg.output / name).exists()]
     if held and not cfg.overwrite:
         raise UserError(f"{cfg.output} already holds {', '.join(held)}: pass --overwrite, or another --output")
-    return dataclasses.replace(cfg, device=device, model=model, resolution=resolution)
+    return dataclasses.replace(cfg, device=device, model=model, resolution=resolution, attention=attention)
 
 
 def model_spec(cfg: BenchConfig) -> str:
@@ -159,8 +165,11 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         return
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # resets VmHWM, which getrusage's ru_maxrss reports
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # resets VmHWM, which getrusage's ru_maxrss reports
+    except OSError:  # not Linux, or not allowed: the peak then also covers loading the weights
+        pass
 
 
 def memory_mb(device: torch.device, peak: bool) -> float:
@@ -255,17 +264,23 @@ def measure(spec: dict) -> dict:
     from restune_sd.loop import keep_trainables_fp32
     from restune_sd.summary import parameter_summary
 
+    from restune_sd.attention import set_attention_backend
+
     device, dtype, kind = torch.device(spec["device"]), DTYPES[spec["precision"]], spec["kind"]
     tuning = preset(spec["tuner"], BACKBONES[kind])
     model = load_backbone(kind, spec["model"], device)
     if dtype != torch.float32 and not tuning.full:
         model.to(dtype)  # frozen weights in the compute precision, as `train` keeps them
+    if kind == "sd":
+        set_attention_backend(model, spec["attention"])
     workload = Workload(kind, model, spec, device, dtype)
     weights_mb = memory_mb(device, peak=False)
     bare_speed = workload.speed(model)
 
     attach(model, tuning)
     keep_trainables_fp32(model, tuning, dtype)
+    if kind == "sd":
+        set_attention_backend(model, spec["attention"])  # the tuner's own processors too
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=1e-2)
     model.train()
@@ -326,7 +341,8 @@ def measure_cli(spec: dict, pipeline: Path, data: Path, run: Path) -> dict:
     command = [sys.executable, "-m", "restune_sd.cli.main", "train", "--model", str(pipeline), "--data", f"folder:{data}",
                "--tuner", spec["tuner"], "--output", str(run), "--max-steps", str(spec["warmup"] + spec["steps"]),
                "--resolution", str(spec["resolution"]), "--batch-size", str(spec["batch"]), "--report-to", "none",
-               "--mixed-precision", {"fp32": "no"}.get(spec["precision"], spec["precision"])]
+               "--mixed-precision", {"fp32": "no"}.get(spec["precision"], spec["precision"]),
+               "--attention", spec["attention"]]
     finished = subprocess.run(command, capture_output=True, text=True, env=child_env())
     if finished.returncode:
         return {"error": failure(finished)}
@@ -390,7 +406,8 @@ def run_bench(cfg: BenchConfig) -> dict:
 
 
 def child_spec(cfg: BenchConfig, tuner: str) -> dict:
-    keys = ("kind", "model", "resolution", "batch", "precision", "steps", "warmup", "sample_steps", "device")
+    keys = ("kind", "model", "resolution", "batch", "precision", "steps", "warmup", "sample_steps", "device",
+            "attention")
     return {"tuner": tuner, **{key: getattr(cfg, key) for key in keys}}
 
 
@@ -416,9 +433,10 @@ def aggregate(name: str, runs: list[dict]) -> dict:
     row = {"contender": name, "repeats": len(good)}
     if not good:
         return {**row, "error": runs[0]["error"]}
-    for key in sorted({key for run in good for key in run} - {"step_seconds_all"}):
+    for key in sorted({key for run in good for key in run} - {"step_seconds_all", "trainable_params"}):
         values = [run[key] for run in good if run.get(key) is not None]
         row[key] = statistics.median(values) if values else None
+    row["trainable_params"] = good[0]["trainable_params"]
     steps = [s for run in good for s in run["step_seconds_all"]]
     row["step_seconds"] = statistics.median(statistics.median(run["step_seconds_all"]) for run in good)
     row["step_seconds_min"], row["step_seconds_max"] = min(steps), max(steps)
@@ -440,7 +458,8 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 def command_line(cfg: BenchConfig) -> str:
     """The `restune-sd bench` command that repeats this run, every setting spelled out."""
     words = ["restune-sd", "bench", cfg.kind, "--output", str(cfg.output), "--tuners", ",".join(cfg.tuners)]
-    for key in ("model", "resolution", "batch", "precision", "steps", "warmup", "repeats", "sample_steps", "device"):
+    for key in ("model", "resolution", "batch", "precision", "steps", "warmup", "repeats", "sample_steps", "device",
+                *(("attention",) if cfg.kind == "sd" else ())):
         words += [f"--{key.replace('_', '-')}", str(getattr(cfg, key))]
     return shlex.join(words + (["--through-cli"] if cfg.through_cli else []))
 

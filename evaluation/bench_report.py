@@ -41,7 +41,7 @@ def markdown(result: dict) -> str:
     memory = "CUDA max_memory_allocated" if env["gpu"] else "peak RSS (ru_maxrss) of the process"
     lines = [
         f"# restune-sd bench {cfg['kind']}: {cfg['model']}, {cfg['resolution']} px, batch {cfg['batch']}, "
-        f"{cfg['precision']}, {cfg['device']}", "",
+        f"{cfg['precision']}, {cfg['device']}" + (f", {cfg['attention']} attention" if sd else ""), "",
         f"Command: `{env['command']}`  ",
         f"Machine: {env['gpu'] or env['cpu']} ({env['cpu_count']} CPU cores, {env['memory_gb']} GB), torch "
         f"{env['torch']}, {env['date_utc']} UTC  ",

@@ -92,6 +92,8 @@ def test_bench_vit(tiny, tmp_path):
     (["sd", "--model", "no/such/folder"], "nor an existing model folder"),
     (["sd", "--resolution", "100", "--model", "sd15"], "multiple of 8"),
     (["sd", "--batch", "0"], "--batch"),
+    (["sd", "--attention", "xformers", "--device", "cpu"], "xformers attention needs CUDA"),
+    (["vit", "--attention", "sdpa"], "drop it for vit"),
     (["sd", "--device", "nowhere"], "cannot use device 'nowhere'"),
     (["banana"], "use sd or vit"),
 ])
