@@ -14,6 +14,7 @@ from restune_sd.datasets.checks import require_images, require_root
 from restune_sd.errors import UserError
 
 SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what Dataset/DatasetDict.save_to_disk write at the top
+SPLIT_NAMES = {"validation": ("validation", "val", "valid")}  # --split val reads whichever the dataset has
 
 
 def hf_datasets():
@@ -73,9 +74,10 @@ def load_split(root: Path, split: str):
         if bars_were_on:
             hf.enable_progress_bars()
     if isinstance(loaded, hf.DatasetDict):
-        if split not in loaded:
+        names = [name for name in SPLIT_NAMES.get(split, (split,)) if name in loaded]
+        if not names:
             raise UserError(f"hf: {root} has no split {split!r}: it has {', '.join(loaded)}")
-        return loaded[split]
+        return loaded[names[0]]
     if split != "train":
         raise UserError(f"hf: {root} holds one dataset without splits: use it as --split train")
     return loaded

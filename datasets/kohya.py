@@ -47,7 +47,8 @@ def read_kohya_folder(root, split: str, caption_extension: str = ".txt") -> list
     records, uncaptioned = [], []
     for folder in folders:
         repeats, fallback = folder_repeats(folder, root)
-        for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        images = (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        for image in sorted(p for p in images if p.is_file()):
             caption = read_caption(image, caption_extension)
             if caption is None:
                 uncaptioned.append(image)

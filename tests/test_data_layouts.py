@@ -79,6 +79,7 @@ def test_kohya_images_outside_named_folders_get_an_empty_caption(tmp_path, capsy
 def test_kohya_bad_folders_are_one_line(tmp_path, case, words):
     root = tmp_path / "data"
     (root / "0_dog" if case == "zero repeats" else root).mkdir(parents=True)
+    (root / "._resource_fork.png").write_bytes(b"macOS metadata, not an image")  # hidden files are passed over
     if case == "empty caption":
         picture("red").save(root / "a.png")
         (root / "a.txt").write_text("\n")
@@ -102,6 +103,7 @@ def test_hf_saved_dataset_and_splits(tmp_path):
     val = saved_dataset({"image": [picture("green")], "text": ["a green one"]})
     train.save_to_disk(str(tmp_path / "single"))
     hf.DatasetDict({"train": train, "validation": val}).save_to_disk(str(tmp_path / "dict"))
+    hf.DatasetDict({"train": train, "val": val}).save_to_disk(str(tmp_path / "short"))
 
     single = build_dataset(f"hf:{tmp_path / 'single'}", resolution=RES)
     assert [single.captions_of(i) for i in range(2)] == [["a red one"], ["a blue one"]]
@@ -110,6 +112,7 @@ def test_hf_saved_dataset_and_splits(tmp_path):
     assert item["pixel_values"][2].mean() > 0.5 > item["pixel_values"][0].mean()  # blue, decoded from the stored bytes
     held_out = build_dataset(f"hf:{tmp_path / 'dict'}", split="val", resolution=RES)
     assert len(held_out) == 1 and held_out[0]["caption"] == "a green one"
+    assert build_dataset(f"hf:{tmp_path / 'short'}", split="val", resolution=RES)[0]["caption"] == "a green one"
     assert "no split" in one_line_error(f"hf:{tmp_path / 'dict'}", split="test")
     assert "without splits" in one_line_error(f"hf:{tmp_path / 'single'}", split="val")
 
@@ -150,6 +153,8 @@ def test_hf_imagefolder_with_metadata(tmp_path, metadata):
     dataset = build_dataset(f"hf:{tmp_path}", resolution=RES, caption_column="caption")
     assert sorted(dataset.captions_of(i)[0] for i in range(3)) == sorted(captions)
     assert "caption" in one_line_error(f"hf:{tmp_path}")  # the default column, text, is not there
+    (tmp_path / "empty").mkdir()
+    assert "cannot read" in one_line_error(f"hf:{tmp_path / 'empty'}")
 
 
 def test_hf_is_found_even_where_this_repository_shadows_it(monkeypatch):
