@@ -1,5 +1,6 @@
-"""Training data sources for restune-sd: COCO2017 captions, fine-grained class sets, class folders and captioned
-folders, each read from its distributor's layout and named by a `PREFIX:ROOT` spec."""
+"""Training data sources for restune-sd: COCO2017 captions, fine-grained class sets, class folders, captioned folders,
+kohya folders and local Hugging Face datasets, each read from its distributor's layout and named by a `PREFIX:ROOT`
+spec; aspect-ratio buckets in buckets.py."""
 
 from restune_sd.datasets.build import LAYOUTS, build_dataset
 from restune_sd.datasets.caption_dataset import CaptionDataset
