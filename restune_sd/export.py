@@ -1,5 +1,5 @@
 """LoRA tuners as the files other tools read: diffusers' `pytorch_lora_weights.safetensors` and kohya's key format
-(sd-scripts, A1111, ComfyUI). Other tuner kinds have no foreign format."""
+(sd-scripts, A1111, ComfyUI), or merged into the frozen weights. Other tuner kinds have no foreign format."""
 
 import os
 import shutil
@@ -12,8 +12,9 @@ from safetensors.torch import save_file
 from restune_sd.errors import UserError
 from restune_sd.files import write_atomic, writing
 from restune_sd.config import TuningConfig
-from restune_sd.io import (LORA_FILE, find_tuner_dir, is_plain_unet_lora, lora_pairs, read_tuner_config, read_weights,
-                           write_diffusers_lora)
+from restune_sd.inject import unwrap
+from restune_sd.io import (LORA_FILE, find_tuner_dir, is_plain_unet_lora, lora_pairs, plain_class, read_tuner_config,
+                           read_weights, write_diffusers_lora)
 
 FORMATS = ("kohya", "diffusers")
 
@@ -75,3 +76,26 @@ def write_diffusers_file(state: dict, lora, path: Path) -> None:
             os.replace(write_diffusers_lora(state, lora, staging), path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def merge_lora(model):
+    """Fold a LoRA tuner into the frozen weights it adapts and remove it: `model` (a backbone or a pipeline holding
+    one) is a plain model again, whose `save_pretrained` writes the merged weights. Returns `model`."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    backbone = unwrap(model)
+    tuned = getattr(backbone, "restune", None)
+    if tuned is None or not tuned.config.lora or tuned.config.tuners or tuned.config.full:
+        raise UserError("merge_lora folds a LoRA tuner into the weights: this model carries "
+                        + ("no restune-sd tuner" if tuned is None else "other tuners, which cannot be merged (keep them with save_tuner)"))
+    with torch.no_grad():
+        for name, layer in list(backbone.named_modules()):
+            if isinstance(layer, BaseTunerLayer):
+                layer.merge()
+                parent, _, child = name.rpartition(".")
+                setattr(backbone.get_submodule(parent), child, layer.get_base_layer())
+    del backbone.peft_config
+    backbone.restune = None
+    for plain in (model, backbone):
+        plain.__class__ = plain_class(plain)
+    return model

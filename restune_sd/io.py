@@ -5,6 +5,7 @@ classifiers). It is written to a temporary sibling and renamed into place, so it
 config records the weights' SHA-256, so a damaged or altered copy is refused when loaded.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -65,7 +66,7 @@ def save_tuner(model, path, extra: dict | None = None) -> Path:
     state = tuner_state(model)
     meta = {
         "format": FORMAT,
-        "backbone": {"kind": model.restune.backbone, "class": type(model).__name__, "signature": backbone_signature(model)},
+        "backbone": {"kind": model.restune.backbone, "class": plain_class(model).__name__, "signature": backbone_signature(model)},
         "tuning": model.restune.config.to_dict(),
         "tuner_params": sum(state[n].numel() for n in model.restune.param_names),
         **(extra or {}),
@@ -188,6 +189,33 @@ def read_fitting_tuner(path, backbone) -> tuple[Path, dict]:
     return folder, meta
 
 
+class TunedBackbone:
+    """The class load_tuner gives a backbone and a pipeline holding it (their own class behind this one): their
+    `save_pretrained` would write the tuner under wrapped keys that `from_pretrained` ignores (a LoRA's also move the
+    frozen weights), so it refuses, before a pipeline writes any part."""
+
+    def save_pretrained(self, *args, **kwargs):
+        lora = "; or, for a LoRA, restune-sd export or restune_sd.export.merge_lora(model) first" if unwrap(self).restune.config.lora else ""
+        raise UserError(f"this {plain_class(self).__name__} carries a restune-sd tuner that save_pretrained would drop "
+                        f"(from_pretrained ignores its keys): keep it with restune_sd.save_tuner(model, DIR) and "
+                        f"restune_sd.load_tuner{lora}")
+
+
+@functools.cache
+def tuned_class(cls: type) -> type:
+    return type(f"Tuned{cls.__name__}", (TunedBackbone, cls), {"__module__": __name__, "plain_class": cls})
+
+
+def mark_tuned(model) -> None:
+    if not isinstance(model, TunedBackbone):
+        model.__class__ = tuned_class(type(model))
+
+
+def plain_class(model) -> type:
+    """The backbone's own class, behind load_tuner's TunedBackbone."""
+    return getattr(model, "plain_class", type(model))
+
+
 def load_tuner(model, path):
     """Attach the saved tuner at `path` (a tuner folder or a run directory) to a plain backbone and return it.
 
@@ -216,4 +244,6 @@ def load_tuner(model, path):
             if params[name].shape != tensor.shape:
                 raise UserError(f"tuner {folder} does not fit this {kind}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(params[name].shape)}")
             params[name].copy_(tensor)
+    mark_tuned(backbone)
+    mark_tuned(model)
     return model

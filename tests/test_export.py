@@ -1,13 +1,18 @@
-"""`restune-sd export`: LoRA tuners as kohya and diffusers files that a stock diffusers loader applies exactly."""
+"""`restune-sd export`: LoRA tuners as kohya and diffusers files that a stock diffusers loader applies exactly; a tuned
+backbone's save_pretrained refuses to drop its tuner, and a LoRA merges into a plain model."""
 
 import json
 
+import pytest
+import torch
+from conftest import perturb, run, tiny_unet, tiny_vit, unet_inputs
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from conftest import tiny_unet
-from restune_sd import TuningConfig, attach, save_tuner
+from restune_sd import TuningConfig, UserError, attach, load_tuner, save_tuner
 from restune_sd.cli.main import app
+from restune_sd.export import merge_lora
 from test_lora_interop import stock_image_equals_ours, tiny, trained_lora  # noqa: F401 (tiny is a fixture)
 
 runner = CliRunner()
@@ -72,3 +77,56 @@ def test_bad_format_and_output_name_are_one_line_each(tiny, tmp_path):
     result = export(tuner, "--output", tmp_path / "x.ckpt")
     assert result.exit_code == 2 and "must end in .safetensors" in result.output
     assert list(tmp_path.iterdir()) == [tuner]
+
+
+# Saving a tuned backbone with save_pretrained would drop the tuner: it refuses; a LoRA can be merged first.
+
+def tuned_unet(tmp_path, config):
+    unet = tiny_unet()
+    attach(unet, config)
+    perturb(unet, std=0.2)
+    save_tuner(unet, tmp_path / "tuner")
+    return load_tuner(tiny_unet(), tmp_path / "tuner")
+
+
+def test_save_pretrained_after_load_tuner_refuses_and_says_how_to_keep_the_tuner(tiny, tmp_path):
+    unet = tuned_unet(tmp_path, TuningConfig(tuners=[{"kind": "res-adapter", "site": "ffn", "dim": 4}]))
+    with pytest.raises(UserError, match=r"save_pretrained would drop .*restune_sd.save_tuner") as refused:
+        unet.save_pretrained(tmp_path / "unet")
+    assert "\n" not in str(refused.value) and not (tmp_path / "unet").exists()
+    assert isinstance(unet, UNet2DConditionModel) and json.loads(
+        (save_tuner(unet, tmp_path / "again") / "tuner_config.json").read_text())["backbone"]["class"] == "UNet2DConditionModel"
+
+    pipe = load_tuner(StableDiffusionPipeline.from_pretrained(tiny, safety_checker=None), tmp_path / "tuner")
+    with pytest.raises(UserError, match="StableDiffusionPipeline carries a restune-sd tuner"):
+        pipe.save_pretrained(tmp_path / "pipe")
+    assert not (tmp_path / "pipe").exists()  # refused before any part is written
+
+
+def test_save_pretrained_of_a_tuned_vit_refuses(tmp_path):
+    vit = tiny_vit()
+    attach(vit, TuningConfig(lora={"rank": 2}))
+    save_tuner(vit, tmp_path / "tuner")
+    with pytest.raises(UserError, match="ViTForImageClassification carries a restune-sd tuner.*merge_lora"):
+        load_tuner(tiny_vit(), tmp_path / "tuner").save_pretrained(tmp_path / "vit")
+
+
+def test_a_merged_lora_saves_as_a_plain_unet_that_gives_the_tuned_output(tmp_path):
+    unet = tuned_unet(tmp_path, TuningConfig(lora={"rank": 4, "alpha": 8.0}))
+    with torch.no_grad():
+        tuned = run(unet, unet_inputs())
+        assert (tuned - run(tiny_unet(), unet_inputs())).abs().max() > 1e-2  # the LoRA matters
+    merge_lora(unet)
+    unet.save_pretrained(tmp_path / "merged")
+    reloaded = UNet2DConditionModel.from_pretrained(tmp_path / "merged")
+    assert type(reloaded) is UNet2DConditionModel and not any("lora" in k for k in reloaded.state_dict())
+    with torch.no_grad():
+        assert (run(reloaded, unet_inputs()) - tuned).abs().max() < 1e-4
+
+
+def test_only_lora_tuners_merge(tmp_path):
+    unet = tuned_unet(tmp_path, TuningConfig(tuners=[{"kind": "res-adapter", "site": "ffn", "dim": 4}]))
+    with pytest.raises(UserError, match="other tuners, which cannot be merged"):
+        merge_lora(unet)
+    with pytest.raises(UserError, match="no restune-sd tuner"):
+        merge_lora(tiny_unet())
