@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from restune_sd.cli.common import ReportTo, TensorBoardFlag, user_errors
+from restune_sd.cli.common import LrNumCycles, LrPower, LrScheduler, LrStepRules, ReportTo, TensorBoardFlag, user_errors
 
 app = typer.Typer(help="Tune ViT image classifiers (VTAB-1K, FGVC, class folders) and predict with many tuners at once.",
                   no_args_is_help=True)
@@ -48,7 +48,10 @@ def train(
     gradient_accumulation: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = 1,
     learning_rate: LearningRate = 1e-3,
     weight_decay: WeightDecay = 1e-4,
-    lr_scheduler: Annotated[str, typer.Option(help="constant or cosine (after warm-up)")] = "cosine",
+    lr_scheduler: LrScheduler = "cosine",
+    lr_num_cycles: LrNumCycles = 1,
+    lr_power: LrPower = 1.0,
+    lr_step_rules: LrStepRules = None,
     warmup_epochs: WarmupEpochs = 10,
     warmup_steps: Annotated[int, typer.Option(help="warm-up in steps (overrides --warmup-epochs when > 0)")] = 0,
     max_grad_norm: Annotated[float, typer.Option(help="gradient clipping norm (0: off)")] = 1.0,

@@ -10,6 +10,11 @@ from restune_sd.errors import UserError
 # Options that `train` and `classify train` share, declared once.
 ReportTo = Annotated[str, typer.Option(help="where loss, lr and validation go: tensorboard (RUN_DIR/tensorboard), wandb, "
                                             "all (both) or none")]
+LrScheduler = Annotated[str, typer.Option(help="diffusers' schedules: constant, constant_with_warmup, linear, cosine, "
+                                              "cosine_with_restarts, polynomial or piecewise_constant")]
+LrNumCycles = Annotated[int, typer.Option(help="cosine_with_restarts: number of hard restarts")]
+LrPower = Annotated[float, typer.Option(help="polynomial: the decay's power")]
+LrStepRules = Annotated[str | None, typer.Option(help="piecewise_constant: FACTOR:STEP,...,FACTOR, e.g. 1:1000,0.1:2000,0.01")]
 TensorBoardFlag = Annotated[bool, typer.Option(help="deprecated: the same as --report-to tensorboard, now the default")]
 
 

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from restune_sd.cli.common import ReportTo, TensorBoardFlag, user_errors
+from restune_sd.cli.common import LrNumCycles, LrPower, LrScheduler, LrStepRules, ReportTo, TensorBoardFlag, user_errors
 
 
 @user_errors
@@ -34,7 +34,10 @@ def train(
     gradient_accumulation: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = 1,
     learning_rate: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-4,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 1e-2,
-    lr_scheduler: Annotated[str, typer.Option(help="constant or cosine (after warm-up)")] = "constant",
+    lr_scheduler: LrScheduler = "constant",
+    lr_num_cycles: LrNumCycles = 1,
+    lr_power: LrPower = 1.0,
+    lr_step_rules: LrStepRules = None,
     warmup_steps: Annotated[int, typer.Option(help="linear warm-up steps")] = 0,
     max_grad_norm: Annotated[float, typer.Option(help="gradient clipping norm (0: off)")] = 1.0,
     seed: Annotated[int, typer.Option(help="seed of every random draw")] = 0,

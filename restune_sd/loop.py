@@ -31,6 +31,9 @@ from restune_sd.files import warn, write_atomic, write_text_atomic, writing
 from restune_sd.summary import parameter_summary
 
 CHECKPOINTS = "checkpoints"
+# diffusers.optimization.get_scheduler's schedules (checked here without importing diffusers).
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                "piecewise_constant")
 CHECKPOINT_KEYS = ("step", "tuner", "optimizer", "scheduler", "rng", "config", "tuning")
 TRACKERS = {"tensorboard": ("tensorboard",), "wandb": ("wandb",), "all": ("tensorboard", "wandb"), "none": ()}
 TRACKER_MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
@@ -53,6 +56,9 @@ class RunConfig:
     adam_epsilon: float = 1e-8
     lr_scheduler: str = "constant"
     warmup_steps: int = 0
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
+    lr_step_rules: str | None = None
     max_grad_norm: float = 1.0
     seed: int = 0
     mixed_precision: str = "no"
@@ -73,13 +79,16 @@ class RunConfig:
         "warmup_steps": {**WHOLE, "minimum": 0}, "learning_rate": {"above": 0}, "weight_decay": {"minimum": 0},
         "adam_epsilon": {"above": 0}, "max_grad_norm": {"minimum": 0}, "seed": {**WHOLE, "minimum": 0},
         "checkpoint_every": {**WHOLE, "minimum": 0}, "keep_checkpoints": {**WHOLE, "minimum": 1},
-        "num_workers": {**WHOLE, "minimum": 0},
+        "num_workers": {**WHOLE, "minimum": 0}, "lr_num_cycles": {**WHOLE, "minimum": 1}, "lr_power": {"above": 0},
     }
 
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)
-        if self.lr_scheduler not in ("constant", "cosine"):
-            raise UserError(f"unknown --lr-scheduler {self.lr_scheduler!r}: use constant or cosine")
+        if self.lr_scheduler not in LR_SCHEDULES:
+            raise UserError(f"unknown --lr-scheduler {self.lr_scheduler!r}: use one of {', '.join(LR_SCHEDULES)}")
+        if (self.lr_scheduler == "piecewise_constant") != (self.lr_step_rules is not None) or not valid_step_rules(self):
+            raise UserError("--lr-step-rules goes with --lr-scheduler piecewise_constant, as FACTOR:STEP,...,FACTOR "
+                            "(e.g. 1:1000,0.1:2000,0.01)")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise UserError(f"unknown --mixed-precision {self.mixed_precision!r}: use no, fp16 or bf16")
         if self.report_to not in TRACKERS:
@@ -112,15 +121,29 @@ class Job:
     tuner_extra: dict = field(default_factory=dict)  # more fields for the saved tuner's config
 
 
-def lr_factor(step: int, cfg: RunConfig, total_steps: int, warmup: int | None = None) -> float:
-    """Linear warm-up, then constant or cosine to zero; counted in optimizer steps, whatever the process count."""
-    warmup = cfg.warmup_steps if warmup is None else warmup
-    if step < warmup:
-        return (step + 1) / warmup
-    if cfg.lr_scheduler == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def valid_step_rules(cfg: RunConfig) -> bool:
+    """`FACTOR:STEP,...,FACTOR`, diffusers' piecewise_constant rules (or none given)."""
+    if cfg.lr_step_rules is None:
+        return True
+    *rules, last = str(cfg.lr_step_rules).split(",")
+    try:
+        [(float(factor), int(step)) for factor, step in (rule.split(":") for rule in rules)]
+        float(last)
+    except ValueError:
+        return False
+    return True
+
+
+def lr_schedule(optimizer, cfg: RunConfig, total_steps: int, warmup: int):
+    """diffusers' schedule `cfg.lr_scheduler`, counted in optimizer steps whatever the process count.
+
+    diffusers' `constant` ignores a warm-up, so `constant` with warm-up steps is its `constant_with_warmup`.
+    """
+    from diffusers.optimization import get_scheduler
+
+    name = "constant_with_warmup" if cfg.lr_scheduler == "constant" and warmup else cfg.lr_scheduler
+    return get_scheduler(name, optimizer, step_rules=cfg.lr_step_rules, num_warmup_steps=warmup,
+                         num_training_steps=total_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
 
 
 def seeded(*parts: int) -> torch.Generator:
@@ -520,7 +543,7 @@ def fit(cfg: RunConfig, backbone: str, build: Callable[[Session], Job], given: s
     steps_per_epoch = max(1, stream.epoch_size // (global_batch * cfg.gradient_accumulation))
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = cfg.warmup(steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total_steps, warmup))
+    scheduler = lr_schedule(optimizer, cfg, total_steps, warmup)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     first = restore(plan, model, optimizer, scheduler)
     if first >= total_steps:

@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 import restune_sd.train as training
 from restune_sd.cli.main import app
 from restune_sd.datasets import build_dataset, make_synthetic
+from restune_sd.errors import UserError
 from restune_sd.tiny import write_tiny_sd
-from restune_sd.loop import SampleStream, lr_factor
+from restune_sd.loop import LR_SCHEDULES, SampleStream, lr_schedule
 from restune_sd.train import Encoders, TrainConfig, diffusion_loss, load_components, train
 
 runner = CliRunner()
@@ -245,7 +246,35 @@ def test_training_options(tiny, folder_data, tmp_path, name):
         assert json.loads((tmp_path / "run" / "config.json").read_text())["prediction_type"] == "v_prediction"
 
 
-def test_lr_schedule_counts_optimizer_steps():
-    cfg = TrainConfig(model="m", data="d", tuner="t", output="o", lr_scheduler="cosine", warmup_steps=10)
-    factors = [lr_factor(s, cfg, 110) for s in (0, 9, 10, 60, 110)]
-    assert factors == pytest.approx([0.1, 1.0, 1.0, 0.5, 0.0])
+def factors(total: int, **settings) -> list[float]:
+    cfg = TrainConfig(model="m", data="d", tuner="t", output="o", learning_rate=1.0, **settings)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
+    schedule = lr_schedule(optimizer, cfg, total, cfg.warmup_steps)
+    seen = []
+    for _ in range(total + 1):
+        seen.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    return seen
+
+
+def test_lr_schedules_are_diffusers_counted_in_optimizer_steps():
+    cosine = factors(110, lr_scheduler="cosine", warmup_steps=10)
+    assert [cosine[s] for s in (0, 5, 10, 60, 110)] == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0])
+    assert factors(4, lr_scheduler="constant", warmup_steps=2) == pytest.approx([0.0, 0.5, 1.0, 1.0, 1.0])
+    assert factors(4, lr_scheduler="linear") == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    assert factors(4, lr_scheduler="polynomial", lr_power=2.0)[2] == pytest.approx(0.25 + 1e-7 * 0.75, rel=1e-3)
+    restarts = factors(8, lr_scheduler="cosine_with_restarts", lr_num_cycles=2)
+    assert restarts[0] == restarts[4] == pytest.approx(1.0) and restarts[2] == pytest.approx(0.5)
+    piecewise = factors(4, lr_scheduler="piecewise_constant", lr_step_rules="1:2,0.1")
+    assert piecewise == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.1])
+    assert len(LR_SCHEDULES) == 7
+
+
+@pytest.mark.parametrize("settings", [dict(lr_scheduler="step"), dict(lr_scheduler="piecewise_constant"),
+                                      dict(lr_step_rules="1:2,0.1"), dict(lr_scheduler="piecewise_constant", lr_step_rules="1:x,0.1"),
+                                      dict(lr_scheduler="cosine_with_restarts", lr_num_cycles=0)])
+def test_bad_schedules_are_one_line(settings):
+    with pytest.raises(UserError) as error:
+        TrainConfig(model="m", data="d", tuner="t", output="o", **settings)
+    assert "\n" not in str(error.value)
