@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from restune_sd.cli.common import LrNumCycles, LrPower, LrScheduler, LrStepRules, ReportTo, TensorBoardFlag, user_errors
+from restune_sd.cli.common import LrNumCycles, LrPower, LrScheduler, LrStepRules, ReportTo, TensorBoardFlag, config_file, settings_of, user_errors
 
 app = typer.Typer(help="Tune ViT image classifiers (VTAB-1K, FGVC, class folders) and predict with many tuners at once.",
                   no_args_is_help=True)
@@ -25,11 +25,6 @@ Seed = Annotated[int, typer.Option(help="seed of every random draw")]
 MixedPrecision = Annotated[str, typer.Option(help="no, fp16 (CUDA) or bf16")]
 
 
-def given_options(ctx: typer.Context, settings: dict) -> set[str]:
-    """The options typed on the command line (on --resume only those count as changes)."""
-    return {k for k in settings if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
-
-
 @app.command("train")
 @user_errors
 def train(
@@ -37,6 +32,7 @@ def train(
     model: Model,
     data: Annotated[str, typer.Option(help="PREFIX:ROOT: vtab:ROOT/TASK, cub, nabirds, flowers102, dogs, cars, classfolder")],
     output: Annotated[str, typer.Option(help="new run directory (or the one to --resume)")],
+    config: config_file("restune_sd.classify:ClassifyConfig") = None,
     tuner: Tuner = "res-tuning",
     split: Annotated[str, typer.Option(help="training split (vtab: train = train800val200)")] = "train",
     eval_split: Annotated[str, typer.Option(help="split scored at the end, with the final weights")] = "test",
@@ -66,10 +62,10 @@ def train(
     num_workers: Annotated[int, typer.Option(help="data loader workers")] = 0,
 ):
     """Tune a frozen ViT with a tuner and a new head; writes the tuner, config, metrics, loss curve and top-1 to OUTPUT."""
+    settings, given = settings_of(ctx, locals())
     from restune_sd.classify import ClassifyConfig, classify
 
-    settings = {k: v for k, v in locals().items() if k not in ("ctx", "ClassifyConfig", "classify")}
-    results = classify(ClassifyConfig(**settings), given=given_options(ctx, settings))
+    results = classify(ClassifyConfig(**settings), given=given)
     if results:
         typer.echo(json.dumps(results, indent=2))
 

@@ -1,6 +1,9 @@
-"""Shared pieces of the Typer commands: the error guard that turns a UserError into one line and exit 2."""
+"""Shared pieces of the Typer commands: options declared once, --config files, and the error guard that turns a
+UserError into one line and exit 2."""
 
+import dataclasses
 import functools
+import importlib
 from typing import Annotated
 
 import typer
@@ -30,3 +33,44 @@ def user_errors(command):
             raise typer.Exit(2) from None
 
     return guarded
+
+
+def config_file(config_class: str):
+    """An eager `--config FILE` option: the settings in FILE become the command's defaults, so flags override them.
+
+    `config_class` ("module:Class") names the config dataclass; settings it has but the command has no flag for
+    (e.g. adam_betas) are kept in `ctx.meta["config_extra"]` for the command to pass on (see `settings_of`).
+    """
+
+    def read(ctx: typer.Context, param, value: str | None):
+        if value is None:
+            return value
+        from restune_sd.config import read_run_settings
+
+        module, name = config_class.split(":")
+        fields = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))}
+        try:
+            settings = read_run_settings(value, fields)
+        except UserError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+        flags = {p.name for p in ctx.command.params}
+        ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in settings.items() if k in flags}}
+        ctx.meta["config_extra"] = {k: v for k, v in settings.items() if k not in flags}
+        return value
+
+    return Annotated[str | None, typer.Option("--config", is_eager=True, callback=read, help=(
+        "YAML/JSON file of settings (option names with dashes or underscores; a run's config.json repeats that run); "
+        "flags given beside it override it"))]
+
+
+def settings_of(ctx: typer.Context, local_values: dict) -> tuple[dict, set[str]]:
+    """A command's settings (its options, plus --config settings it has no flag for) and the names the user set.
+
+    Set means typed on the command line or read from --config: on --resume only those count as changes.
+    """
+    settings = {**ctx.meta.get("config_extra", {}),
+                **{k: v for k, v in local_values.items() if k not in ("ctx", "config")}}
+    given = {k for k in settings if k in ctx.meta.get("config_extra", {})
+             or getattr(ctx.get_parameter_source(k), "name", "DEFAULT") != "DEFAULT"}
+    return settings, given

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from restune_sd.cli.common import LrNumCycles, LrPower, LrScheduler, LrStepRules, ReportTo, TensorBoardFlag, user_errors
+from restune_sd.cli.common import LrNumCycles, LrPower, LrScheduler, LrStepRules, ReportTo, TensorBoardFlag, config_file, settings_of, user_errors
 
 
 @user_errors
@@ -14,6 +14,7 @@ def train(
     model: Annotated[str, typer.Option(help="diffusers Stable Diffusion pipeline folder or hub id")],
     data: Annotated[str, typer.Option(help="PREFIX:ROOT: coco, cub, flowers102, cars, aircraft, food101, classfolder, folder, kohya, hf")],
     output: Annotated[str, typer.Option(help="new run directory (or the one to --resume)")],
+    config: config_file("restune_sd.train:TrainConfig") = None,
     tuner: Annotated[str, typer.Option(help="res-tuning, bypass, adapter, prefix, prompt, lora (r=50, the paper's), lora-r4, full, or a YAML/JSON config")] = "res-tuning",
     split: Annotated[str, typer.Option(help="data split: train, or val/test where the layout has it")] = "train",
     resolution: Annotated[int | None, typer.Option(help="image size (default: the model's own, 512 for SD v1.5)")] = None,
@@ -64,11 +65,10 @@ def train(
     num_workers: Annotated[int, typer.Option(help="data loader workers")] = 0,
 ):
     """Fine-tune a frozen SD UNet with a tuner; writes the tuner, config, metrics and loss curve to OUTPUT."""
+    # On --resume, options left out are taken from the run; only those the user set count as changes.
+    settings, given = settings_of(ctx, locals())
     from restune_sd.train import TrainConfig, train as run_training
 
-    settings = {k: v for k, v in locals().items() if k not in ("run_training", "TrainConfig", "ctx")}
-    # On --resume, options left out are taken from the run; only those typed on the command line count as changes.
-    given = {k for k in settings if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
     results = run_training(TrainConfig(**settings), given=given)
     if results:
         typer.echo(json.dumps(results, indent=2))

@@ -229,21 +229,48 @@ def _check_pattern(pattern: str) -> None:
                         f"{MAX_VARIABLE_REPEATS} so that matching stays fast")
 
 
-def load_config(path) -> TuningConfig:
-    """Read a TuningConfig from a YAML or JSON file."""
+def read_mapping(path, what: str, example: str) -> dict:
+    """A YAML (.yaml/.yml) or JSON file holding one mapping, read safely; `what` and `example` word the errors."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"tuner config {path} does not exist: pass a YAML or JSON file")
+        raise UserError(f"{what} {path} does not exist: pass a YAML or JSON file")
     try:
         data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"tuner config {path} is not valid {path.suffix.lstrip('.').upper()}: {error}".splitlines()[0]) from None
+        raise UserError(f"{what} {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {error}".splitlines()[0]) from None
     if data is None:
-        raise UserError(f"tuner config {path} is empty: give at least one of tuners, lora, bypass or full")
+        raise UserError(f"{what} {path} is empty: give at least {example}")
     if not isinstance(data, dict):
-        raise UserError(f"tuner config {path} holds a {type(data).__name__}, not a mapping of fields such as tuners: [...]")
-    data.setdefault("name", path.stem)
+        raise UserError(f"{what} {path} holds a {type(data).__name__}, not a mapping of fields such as {example}")
+    return data
+
+
+def load_config(path) -> TuningConfig:
+    """Read a TuningConfig from a YAML or JSON file."""
+    data = read_mapping(path, "tuner config", "one of tuners, lora, bypass or full")
+    data.setdefault("name", Path(path).stem)
     return TuningConfig.from_dict(data)
+
+
+# What a run's config.json holds beside its settings: read back as --config, these are passed over.
+RUN_RECORD_KEYS = ("tuning", "num_processes", "dataset_size", "total_steps", "attention_backend", "tuner_params",
+                   "head_params", "trainable_params", "total_params")
+
+
+def read_run_settings(path, fields: set[str]) -> dict:
+    """Settings for a run from a YAML/JSON file (`--config`): names as the options' (dashes or underscores).
+
+    A run's own config.json is accepted as it is (its record of the run is passed over, and it never resumes), so a
+    run can be repeated from it; any other name that is not a setting is refused.
+    """
+    data = read_mapping(path, "run config", "model: ..., data: ..., output: ...")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    is_run_record = "tuning" in data and "total_steps" in data
+    unknown = sorted(k for k in data if k not in fields and not (is_run_record and k in RUN_RECORD_KEYS))
+    if unknown:
+        raise UserError(f"run config {path}: {', '.join(unknown)} is not a setting of this command; "
+                        f"see --help for the names (dashes or underscores)")
+    return {k: v for k, v in data.items() if k in fields and not (is_run_record and k == "resume")}
 
 
 # The recipes behind each preset, counted on the real architectures (tests/test_bypass_and_io.py checks each).
