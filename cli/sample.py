@@ -11,8 +11,9 @@ from restune_sd.cli.common import user_errors
 
 @user_errors
 def sample(
-    model: Annotated[str, typer.Option(help="diffusers Stable Diffusion pipeline folder or hub id")],
+    model: Annotated[str, typer.Option(help="diffusers Stable Diffusion pipeline folder, hub id, or SD v1.x single-file .safetensors/.ckpt")],
     out: Annotated[Path, typer.Option(help="output folder (re-running the same job resumes it)")],
+    model_config: Annotated[str | None, typer.Option(help="with a single-file --model: a diffusers SD v1.x pipeline folder whose configs, tokenizer and scheduler to use (needed offline)")] = None,
     tuner: Annotated[list[str] | None, typer.Option(help="tuner folder, run directory, or a LoRA .safetensors file (diffusers or kohya) or folder; repeat for several (none: the plain model)")] = None,
     prompt: Annotated[list[str] | None, typer.Option(help="a prompt; repeatable")] = None,
     prompts_file: Annotated[str | None, typer.Option(help="a text file of prompts, one a line")] = None,
@@ -33,7 +34,7 @@ def sample(
 
     tuners = [t for t in (tuner or []) if t.lower() != "none"]
     results = run_sampling(SampleConfig(
-        model=model, out=str(out), tuners=tuners, prompts=prompt or [], prompts_file=prompts_file, coco=coco,
+        model=model, out=str(out), model_config=model_config, tuners=tuners, prompts=prompt or [], prompts_file=prompts_file, coco=coco,
         num_images=num_images, steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, batch_size=batch_size,
         resolution=resolution, negative_prompt=negative_prompt, fp16=fp16, attention=attention,
     ))

@@ -11,9 +11,10 @@ from restune_sd.cli.common import LrNumCycles, LrPower, LrScheduler, LrStepRules
 @user_errors
 def train(
     ctx: typer.Context,
-    model: Annotated[str, typer.Option(help="diffusers Stable Diffusion pipeline folder or hub id")],
+    model: Annotated[str, typer.Option(help="diffusers Stable Diffusion pipeline folder, hub id, or SD v1.x single-file .safetensors/.ckpt")],
     data: Annotated[str, typer.Option(help="PREFIX:ROOT: coco, cub, flowers102, cars, aircraft, food101, classfolder, folder, kohya, hf")],
     output: Annotated[str, typer.Option(help="new run directory (or the one to --resume)")],
+    model_config: Annotated[str | None, typer.Option(help="with a single-file --model: a diffusers SD v1.x pipeline folder whose configs, tokenizer and scheduler to use (needed offline)")] = None,
     config: config_file("restune_sd.train:TrainConfig") = None,
     tuner: Annotated[str, typer.Option(help="res-tuning, bypass, adapter, prefix, prompt, lora (r=50, the paper's), lora-r4, full, or a YAML/JSON config")] = "res-tuning",
     split: Annotated[str, typer.Option(help="data split: train, or val/test where the layout has it")] = "train",

@@ -22,11 +22,16 @@ VIT_B16 = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, in
 ARCHITECTURES = ("sd15", "vit-b16")
 # The parts of a diffusers SD pipeline folder that `train` and `sample` load, and the files each must hold
 # (a tuple: any one of them; "*" patterns: any matching file).
+WEIGHTS = ("*.safetensors", "*.bin")
 PIPELINE_PARTS = {
-    "unet": ("config.json", ("*.safetensors", "*.bin")), "vae": ("config.json", ("*.safetensors", "*.bin")),
-    "text_encoder": ("config.json", ("*.safetensors", "*.bin")), "tokenizer": ("vocab.json", "merges.txt"),
-    "scheduler": ("scheduler_config.json",),
+    "unet": ("config.json", WEIGHTS), "vae": ("config.json", WEIGHTS), "text_encoder": ("config.json", WEIGHTS),
+    "tokenizer": ("vocab.json", "merges.txt"), "scheduler": ("scheduler_config.json",),
 }
+# Single-file checkpoints (as A1111 and ComfyUI users have them): every weight of an SD v1.x pipeline in one file.
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+# Whose configs diffusers builds an SD v1.x single file with when it is given none (from the cache, or downloaded).
+SD1_CONFIG_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+CONFIG_HELP = "a local diffusers SD v1.x pipeline folder: its configs, tokenizer and scheduler are read, not its weights"
 
 
 def build_architecture(name: str, device: str = "meta", num_labels: int | None = None):
@@ -43,10 +48,15 @@ def build_architecture(name: str, device: str = "meta", num_labels: int | None =
         return ViTForImageClassification(ViTConfig(**{**VIT_B16, "num_labels": num_labels or VIT_B16["num_labels"]}))
 
 
+def is_single_file(model) -> bool:
+    return Path(model).suffix.lower() in SINGLE_FILE_SUFFIXES
+
+
 def model_kind(path) -> str:
-    """'sd' for a diffusers pipeline folder, 'unet' for a bare UNet folder, 'vit' for a transformers ViT folder."""
+    """'sd' for a diffusers pipeline folder or a single-file checkpoint, 'unet' for a bare UNet folder, 'vit' for a
+    transformers ViT folder."""
     path = Path(path)
-    if (path / "model_index.json").is_file():
+    if (path / "model_index.json").is_file() or (path.is_file() and is_single_file(path)):
         return "sd"
     config = path / "config.json"
     if config.is_file():
@@ -58,21 +68,59 @@ def model_kind(path) -> str:
     raise UserError(f"{path} is not a diffusers Stable Diffusion pipeline (no model_index.json) nor a UNet or ViT folder")
 
 
-def check_pipeline(model: str) -> None:
-    """Fail up front, naming the missing part, when `model` is a local folder without every part of an SD pipeline."""
+def looks_local(name: str) -> bool:
+    """Whether a name that is not on disk was meant as a local path: hub ids are NAME or OWNER/NAME."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def missing_part(folder: Path, weights: bool = True) -> str | None:
+    """The first part of an SD pipeline folder that is missing (e.g. 'unet/config.json'), or None."""
+    for part, needs in PIPELINE_PARTS.items():
+        for need in needs:
+            options = need if isinstance(need, tuple) else (need,)
+            if (weights or need != WEIGHTS) and not any(next((folder / part).glob(option), None) for option in options):
+                return f"{part}/{options[0]}"
+    return None
+
+
+def check_pipeline(model: str, config: str | None = None) -> None:
+    """Fail up front, naming the missing part, when `model` is a local folder without every part of an SD pipeline,
+    or a single-file checkpoint that is missing or whose `config` folder lacks a part."""
     path = Path(model).expanduser()
+    if is_single_file(model):
+        if not path.is_file():
+            raise UserError(f"checkpoint file {model} does not exist: pass an SD v1.x .safetensors or .ckpt file")
+        check_model_config(config)
+        return
+    if config is not None:
+        raise UserError(f"--model-config goes with a single-file --model (.safetensors or .ckpt), and {model} is "
+                        "not one: leave --model-config out")
     if not path.exists():
-        if model.startswith(("/", ".", "~")) or model.count("/") > 1:  # hub ids are NAME or OWNER/NAME
+        if looks_local(model):
             raise UserError(f"model folder {model} does not exist: pass a diffusers Stable Diffusion pipeline folder")
         return
     if model_kind(path) != "sd":
         raise UserError(f"{model} is not a diffusers Stable Diffusion pipeline folder (it has no model_index.json)")
-    for part, needs in PIPELINE_PARTS.items():
-        for need in needs:
-            options = need if isinstance(need, tuple) else (need,)
-            if not any(next((path / part).glob(option), None) for option in options):
-                raise UserError(f"the pipeline folder {model} is incomplete: {part}/{options[0]} is missing; copy its "
-                                f"{part}/ folder again")
+    part = missing_part(path)
+    if part:
+        raise UserError(f"the pipeline folder {model} is incomplete: {part} is missing; copy its {part.split('/')[0]}/ "
+                        "folder again")
+
+
+def check_model_config(config: str | None) -> None:
+    """A single file's `--model-config`: a local diffusers SD pipeline folder with every config, or a hub id."""
+    if config is None:
+        return
+    path = Path(config).expanduser()
+    if not path.exists():
+        if looks_local(config):
+            raise UserError(f"--model-config folder {config} does not exist: pass {CONFIG_HELP}")
+        return  # a hub id: diffusers fetches its configs where the machine is online
+    if not (path / "model_index.json").is_file():
+        raise UserError(f"--model-config {config} is not a diffusers pipeline folder (no model_index.json): pass {CONFIG_HELP}")
+    part = missing_part(path, weights=False)
+    if part:
+        raise UserError(f"--model-config {config} is incomplete: {part} is missing")
 
 
 def native_resolution(unet_config, vae_config) -> int:
@@ -80,24 +128,58 @@ def native_resolution(unet_config, vae_config) -> int:
     return unet_config["sample_size"] * 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
-def vae_factor(model: str) -> int | None:
+def config_folder(model: str, config: str | None = None) -> Path:
+    """Where a model's configs are: its own folder, or a single-file checkpoint's `--model-config` folder."""
+    return Path(config) if config and is_single_file(model) else Path(model)
+
+
+def vae_factor(model: str, config: str | None = None) -> int | None:
     """A local pipeline's VAE downsampling factor (8 for SD v1.5), read from its config; None if it cannot be read."""
     try:
-        vae = json.loads((Path(model) / "vae" / "config.json").read_text())
+        vae = json.loads((config_folder(model, config) / "vae" / "config.json").read_text())
         return 2 ** (len(vae["block_out_channels"]) - 1)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def pipeline_resolution(model: str) -> int | None:
+def pipeline_resolution(model: str, config: str | None = None) -> int | None:
     """A local pipeline's own image size, read from its configs; None if it is not a local folder."""
-    path = Path(model)
+    path = config_folder(model, config)
     try:
         unet = json.loads((path / "unet" / "config.json").read_text())
         vae = json.loads((path / "vae" / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
     return native_resolution(unet, vae)
+
+
+def require_single_file_configs(model: str, config: str | None) -> None:
+    """Offline, a single file given no `--model-config` needs diffusers' SD v1.5 configs in the Hugging Face cache."""
+    from huggingface_hub import is_offline_mode, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(SD1_CONFIG_REPO, "model_index.json"), str)
+    if is_single_file(model) and config is None and is_offline_mode() and not cached:
+        raise UserError(f"{model} is a single-file checkpoint: building its pipeline needs the configs of an SD v1.x "
+                        f"pipeline, and offline none is cached: pass --model-config DIR, {CONFIG_HELP}")
+
+
+def single_file_pipeline(model: str, config: str | None, dtype=torch.float32):
+    """An SD v1.x pipeline from a single-file checkpoint through diffusers' `from_single_file` (which reads a .ckpt with
+    weights_only=True), built with the configs of `config`, or without one diffusers' SD v1.5 configs."""
+    from diffusers import StableDiffusionPipeline
+
+    check_pipeline(model, config)
+    require_single_file_configs(model, config)
+    try:
+        return StableDiffusionPipeline.from_single_file(model, config=config, dtype=dtype, safety_checker=None,
+                                                        requires_safety_checker=False)
+    except Exception as error:  # diffusers raises many types for a file or configs it cannot use
+        reason = " ".join(str(error).split())[:300] or type(error).__name__
+        unpickled = Path(model).suffix.lower() == ".ckpt" and "Unable to load weights" in reason
+        hint = ("; a .ckpt is read with weights_only=True, and one holding objects other than tensors is refused: use "
+                "a .safetensors copy" if unpickled else "")
+        where = f"with the configs of {config}" if config else f"(offline, pass --model-config DIR, {CONFIG_HELP})"
+        raise UserError(f"cannot build an SD v1.x pipeline from {model} {where}: {reason}{hint}") from None
 
 
 def quiet_loading() -> None:
@@ -109,12 +191,15 @@ def quiet_loading() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
-def load_unet(model: str, device: str = "cpu", dtype=torch.float32):
-    """The UNet of a pipeline folder, a bare UNet folder, `sd15` (random weights) or a hub id."""
+def load_unet(model: str, device: str = "cpu", dtype=torch.float32, config: str | None = None):
+    """The UNet of a pipeline folder, a bare UNet folder, a single-file checkpoint (built with the configs of
+    `config`), `sd15` (random weights) or a hub id."""
     from diffusers import UNet2DConditionModel
 
     if model == "sd15":
         return build_architecture("sd15", device="cpu").to(device, dtype)
+    if is_single_file(model):
+        return single_file_pipeline(model, config, dtype).unet.to(device)
     path = Path(model)
     if path.exists():
         subfolder = "unet" if model_kind(path) == "sd" else None

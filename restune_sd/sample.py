@@ -31,6 +31,7 @@ class SampleConfig:
 
     model: str
     out: str
+    model_config: str | None = None  # a single-file --model's diffusers pipeline folder (configs, tokenizer, scheduler)
     tuners: list[str] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
     prompts_file: str | None = None
@@ -168,18 +169,20 @@ def make_scheduler(name: str, config):
     return cls.from_config(config)
 
 
-def load_pipeline(model: str, tuner: str | None, device, dtype, attention: str):
-    """A stock StableDiffusionPipeline with the saved tuner (a tuner folder or run directory) attached."""
+def load_pipeline(model: str, tuner: str | None, device, dtype, attention: str, model_config: str | None = None):
+    """A stock StableDiffusionPipeline (from a folder, a hub id or a single-file checkpoint) with the saved tuner (a
+    tuner folder or run directory) or a LoRA file of another tool attached."""
     from diffusers import StableDiffusionPipeline
 
     from restune_sd.attention import set_attention_backend
     from restune_sd.io import load_tuner
-    from restune_sd.models import check_pipeline, quiet_loading
+    from restune_sd.models import check_pipeline, is_single_file, quiet_loading, single_file_pipeline
 
     quiet_loading()
-    check_pipeline(model)
+    check_pipeline(model, model_config)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None, requires_safety_checker=False)
+        pipe = (single_file_pipeline(model, model_config, dtype) if is_single_file(model) else
+                StableDiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None, requires_safety_checker=False))
     except OSError as error:
         where = "" if Path(model).exists() else "no local folder of that name exists, and as a hub id: "
         raise UserError(f"cannot load a Stable Diffusion pipeline from {model!r}: {where}{str(error).splitlines()[0]}") from None
@@ -232,12 +235,13 @@ def sample(cfg: SampleConfig) -> dict:
     if len(set(folder_names)) < len(folder_names):
         twice = next(n for n in folder_names if folder_names.count(n) > 1)
         raise UserError(f"two tuners would sample into {out / twice}: give them folders of different names")
-    from restune_sd.models import check_pipeline, vae_factor
+    from restune_sd.models import check_pipeline, require_single_file_configs, vae_factor
 
-    check_pipeline(cfg.model)
+    check_pipeline(cfg.model, cfg.model_config)
+    require_single_file_configs(cfg.model, cfg.model_config)
     prompts, coco_items = read_prompts(cfg)
     if cfg.resolution is not None:
-        require_resolution("--resolution", cfg.resolution, vae_factor(cfg.model) or 8)
+        require_resolution("--resolution", cfg.resolution, vae_factor(cfg.model, cfg.model_config) or 8)
     identities = {folder: job_identity(cfg, prompts, tuner) for tuner, folder in jobs}
     for _, folder in jobs:  # every process checks before anything is written
         saved = folder / SETTINGS_FILE
@@ -263,7 +267,7 @@ def sample(cfg: SampleConfig) -> dict:
         mine = [i for i in range(len(prompts)) if i % state.num_processes == state.process_index]
         todo = [i for i in mine if not (folder / names[i]).exists()]
         if todo:
-            pipe = load_pipeline(cfg.model, tuner, device, dtype, cfg.attention)
+            pipe = load_pipeline(cfg.model, tuner, device, dtype, cfg.attention, cfg.model_config)
             pipe.scheduler = make_scheduler(cfg.scheduler, pipe.scheduler.config)
             label = tuner_folder_name(tuner) if tuner else "base"
             for start in tqdm(range(0, len(todo), cfg.batch_size), desc=f"sample {label}", unit="batch",

@@ -25,7 +25,8 @@ CACHE_KEYS = "index-flipped-WxH"  # the form of latent_key's keys; a cache keyed
 class TrainConfig(RunConfig):
     """Everything a training run depends on; written to RUN_DIR/config.json."""
 
-    model: str = field(metadata={"help": "diffusers SD pipeline folder or hub id"})
+    model: str = field(metadata={"help": "diffusers SD pipeline folder, hub id, or SD v1.x single-file .safetensors/.ckpt"})
+    model_config: str | None = field(default=None, metadata={"help": "a single-file model's diffusers pipeline folder (configs, tokenizer, scheduler)"})
     data: str = field(metadata={"help": "PREFIX:ROOT data spec (coco:, cub:, flowers102:, cars:, aircraft:, food101:, classfolder:, folder:, kohya:, hf:)"})
     tuner: str = field(metadata={"help": "preset name or YAML/JSON tuner config"})
     split: str = "train"
@@ -95,13 +96,19 @@ class Components:
     noise_scheduler: object
 
 
-def load_components(model: str, device, dtype) -> Components:
+def load_components(model: str, device, dtype, config: str | None = None) -> Components:
+    """The pipeline's parts from a folder or hub id, or from a single-file checkpoint with the configs of `config`."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from restune_sd.models import check_pipeline
+    from restune_sd.models import check_pipeline, is_single_file, single_file_pipeline
 
-    check_pipeline(model)
+    check_pipeline(model, config)
+    if is_single_file(model):  # read in float32 (the UNet trains in it), then the frozen encoders cast to dtype
+        pipe = single_file_pipeline(model, config)
+        return Components(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder.to(device, dtype),
+                          vae=pipe.vae.to(device, dtype), unet=pipe.unet.to(device),
+                          noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config))
     try:
         return Components(
             tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"),
@@ -285,7 +292,7 @@ def diffusion_job(session: Session) -> Job:
     prompts = read_validation_prompts(cfg)
     held_out = held_out_data(cfg, resolution) if resolution else None
     quiet_loading()
-    comps = load_components(cfg.model, session.device, session.dtype)
+    comps = load_components(cfg.model, session.device, session.dtype, cfg.model_config)
     if cfg.prediction_type:
         comps.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
     cfg = session.cfg = dataclasses.replace(cfg, resolution=resolution or native_resolution(comps.unet.config, comps.vae.config))
