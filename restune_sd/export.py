@@ -55,17 +55,18 @@ def export_lora(tuner, fmt: str, output, overwrite: bool = False) -> dict:
     if path.exists() and not overwrite:
         raise UserError(f"{path} already exists: choose another --output, or pass --overwrite to replace it")
     lora = TuningConfig.from_dict(meta["tuning"]).lora
+    alpha = lora.alpha or lora.rank
     state = read_weights(folder, meta)
     pairs = lora_pairs(state)
     with writing(path.parent, "choose an --output where you can write"):
         path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "kohya":
         metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(lora.rank),
-                    "ss_network_alpha": str(lora.alpha or lora.rank), "ss_base_model_version": "sd_v1"}
-        write_atomic(path, lambda tmp: save_file(kohya_state(pairs, lora.alpha or lora.rank), str(tmp), metadata))
+                    "ss_network_alpha": str(alpha), "ss_base_model_version": "sd_v1"}
+        write_atomic(path, lambda tmp: save_file(kohya_state(pairs, alpha), str(tmp), metadata))
     else:
         write_diffusers_file(state, lora, path)
-    return {"file": str(path), "format": fmt, "lora_modules": len(pairs), "rank": lora.rank, "alpha": lora.alpha or lora.rank}
+    return {"file": str(path), "format": fmt, "lora_modules": len(pairs), "rank": lora.rank, "alpha": alpha}
 
 
 def write_diffusers_file(state: dict, lora, path: Path) -> None:
