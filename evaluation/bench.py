@@ -418,6 +418,7 @@ def cli_inputs(cfg: BenchConfig, scratch: Path) -> tuple[Path, Path]:
     pipeline = Path(cfg.model)
     if cfg.model == "sd15":
         pipeline = scratch / "sd15-random"
+        print("writing a random SD v1.5 pipeline (UNet, VAE, text encoder) for --through-cli", file=sys.stderr, flush=True)
         finished = subprocess.run([sys.executable, "-m", "restune_sd.evaluation.bench", "pipeline", str(pipeline)],
                                   capture_output=True, text=True, env=child_env())
         if finished.returncode:

@@ -102,7 +102,8 @@ def chart_png(result: dict, path) -> None:
     rows = [row for row in result["rows"] if "error" not in row and not row["contender"].endswith("(train CLI)")]
     names = [row["contender"] for row in rows]
     base = "lora" if "lora" in names else "full" if "full" in names else None
-    panels = (("memory", "above_weights_mb", "memory_gb"), ("time per step", "step_seconds", "hours_per_epoch"))
+    panels = (("training memory (here: above the frozen weights)", "above_weights_mb", "memory_gb"),
+              ("training time (here: s/step; paper: h/epoch)", "step_seconds", "hours_per_epoch"))
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for axis, (title, ours_key, paper_key) in zip(axes, panels):
         paper = result["paper"][paper_key]
@@ -110,11 +111,11 @@ def chart_png(result: dict, path) -> None:
         theirs = [paper[n] / paper[base] if base and n in paper and base in paper else math.nan for n in names]
         positions = range(len(names))
         axis.bar([p - 0.2 for p in positions], ours, width=0.4, label="measured here")
-        axis.bar([p + 0.2 for p in positions], theirs, width=0.4, label="paper")
+        axis.bar([p + 0.2 for p in positions], theirs, width=0.4, label="paper (GPU)")
         axis.axhline(1.0, color="grey", linewidth=0.8)
         axis.set_xticks(list(positions), names, rotation=30, ha="right")
-        axis.set_title(f"{title}, ratio to {base or '—'}")
-        axis.legend()
+        axis.set_title(f"{title}\nratio to {base or '—'}", fontsize=10)
+        axis.legend(fontsize=8)
     env, cfg = result["environment"], result["settings"]
     figure.suptitle(f"{cfg['model']}, {cfg['resolution']} px, batch {cfg['batch']}, {cfg['precision']} on "
                     f"{env['gpu'] or env['cpu']}", fontsize=10)
