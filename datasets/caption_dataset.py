@@ -3,6 +3,8 @@ index)."""
 
 from pathlib import Path
 
+import torch
+
 from restune_sd.datasets.buckets import Buckets
 from restune_sd.datasets.image_files import ImageFiles, image_size, item_rng  # noqa: F401 (item_rng: coco.py imports it from here)
 from restune_sd.datasets.transforms import TrainTransform
@@ -33,6 +35,20 @@ class CaptionDataset(ImageFiles):
 
     def captions_of(self, index: int) -> list[str]:
         return list(self._captions[index])
+
+    def crop_size(self, index: int) -> tuple[int, int]:
+        """(width, height) that item `index` is cropped to: its bucket's, or the square resolution."""
+        if self.buckets:
+            return self.buckets.sizes[self.buckets.of[index]]
+        return self.transform.resolution, self.transform.resolution
+
+    def fixed_item(self, index: int, flip: bool) -> tuple[int, torch.Tensor]:
+        """The index actually read (corrupt images are passed over) and its centre crop at `index`'s size, flipped
+        or not: what item `index` shows in any epoch with that flip, so its latent can be encoded ahead of training."""
+        if not self.transform.center_crop:
+            raise ValueError("random crops differ from epoch to epoch: they cannot be encoded ahead")
+        current, image, _ = self.decode_from(index)
+        return current, self.transform.apply(image, None, self.crop_size(index), flip=flip)[0]
 
     def __getitem__(self, index: int) -> dict:
         current, image, rng = self.decode_from(index)

@@ -66,9 +66,12 @@ class TrainTransform:
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
         return self.apply(image, rng)[0]
 
-    def apply(self, image: Image.Image, rng: random.Random, size: tuple[int, int] | None = None
-              ) -> tuple[torch.Tensor, bool]:
-        """The image cropped to `size` (width, height; default the square resolution) and whether it was flipped."""
+    def apply(self, image: Image.Image, rng: random.Random | None, size: tuple[int, int] | None = None,
+              flip: bool | None = None) -> tuple[torch.Tensor, bool]:
+        """The image cropped to `size` (width, height; default the square resolution) and whether it was flipped.
+
+        `flip` decides the flip instead of `rng` (with centre crops nothing is drawn then: encoding ahead of training).
+        """
         width, height = size or (self.resolution, self.resolution)
         image = resize_to_cover(image, width, height)
         if self.center_crop:
@@ -76,7 +79,7 @@ class TrainTransform:
         else:
             left, top = rng.randint(0, image.width - width), rng.randint(0, image.height - height)
         image = image.crop((left, top, left + width, top + height))
-        flipped = self.random_flip and rng.random() < 0.5
+        flipped = flip if flip is not None else self.random_flip and rng.random() < 0.5
         if flipped:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return to_signed_tensor(image), flipped

@@ -114,7 +114,7 @@ class Job:
     dataset: torch.utils.data.Dataset  # items with "index" and "skipped" (corrupt images passed over)
     loss: Callable[[torch.nn.Module, dict, int], torch.Tensor]  # (model, batch, step) -> scalar loss
     record: dict = field(default_factory=dict)  # more fields for config.json and results.json
-    on_checkpoint: Callable[[], None] | None = None  # e.g. persist caches with each checkpoint
+    prepare: Callable[[], None] | None = None  # every process, after the run folder is made, before the first step
     # Main process, after each step and its checkpoint: (step, last checkpoint, final step?) -> more metrics for that step.
     on_step: Callable[[int, Path | None, bool], dict | None] | None = None
     finish: Callable[[torch.nn.Module], dict] | None = None  # main process, after training: more results
@@ -551,6 +551,8 @@ def fit(cfg: RunConfig, backbone: str, build: Callable[[Session], Job], given: s
     summary = parameter_summary(job.model)
     job.record.update({k: summary[k] for k in ("tuner_params", "head_params", "trainable_params", "total_params")})
     open_run(plan, session, job, total_steps)
+    if job.prepare:
+        job.prepare()
     loader = torch.utils.data.DataLoader(
         stream, num_workers=cfg.num_workers,
         batch_sampler=StepBatches(first, total_steps, cfg.gradient_accumulation, global_batch,
@@ -640,8 +642,6 @@ def steps(plan, session, job, wrapped, params, optimizer, scheduler, loader, fir
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                     last_checkpoint = save_checkpoint(run, step + 1, job.model, optimizer, scheduler, cfg,
                                                       session.tuning, last_checkpoint, tuner_extra)
-                    if job.on_checkpoint:
-                        job.on_checkpoint()
                 if job.on_step:
                     entry.update(job.on_step(step + 1, last_checkpoint, step + 1 == total_steps) or {})
                 with writing(metrics_path, disk_hint(last_checkpoint)), metrics_path.open("a") as log:
@@ -680,8 +680,6 @@ def finish(plan, session, job, history, last_checkpoint, corrupt, total_steps: i
         hint = disk_hint(last_checkpoint)
         tuner_dir = run / "tuner"  # a resumed run replaces the final tuner of its earlier, shorter end
         write_tuner(job.model, tuner_dir, {"trained_steps": total_steps, "data": cfg.data, **job.tuner_extra}, hint)
-        if job.on_checkpoint:
-            job.on_checkpoint()
         with writing(run / "loss.png", hint):
             loss_curve_png([h["step"] for h in history], [h["loss"] for h in history], run / "loss.png")
         timed = [h["seconds_per_step"] for h in history[1:]] or [h["seconds_per_step"] for h in history]

@@ -1,7 +1,7 @@
 """Fine-tuning a frozen SD UNet with any tuner: `train(cfg) -> result`, on the shared training scaffold (loop.py).
 
-This module holds what is particular to diffusion: the pipeline's frozen parts, the optional latent and text
-caches, the denoising loss (noise, timestep and VAE sample drawn per sample from the seed, the step and the
+This module holds what is particular to diffusion: the pipeline's frozen parts and their caches (encoders.py),
+the denoising loss (noise, timestep and VAE sample drawn per sample from the seed, the step and the
 sample's position) and validation images.
 """
 
@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from restune_sd.bounds import MAX_RESOLUTION, require_resolution
+from restune_sd.encoders import Encoders, latent_key
 from restune_sd.errors import UserError
-from restune_sd.files import warn, writing
-from restune_sd.loop import WHOLE, Job, RunConfig, Session, atomic_torch_save, disk_hint, fit, seeded
+from restune_sd.files import writing
+from restune_sd.loop import WHOLE, Job, RunConfig, Session, disk_hint, fit, seeded
 
-CACHE_KEYS = "index-flipped-WxH"  # the form of latent_key's keys; a cache keyed otherwise is rebuilt
 
 
 @dataclass(kw_only=True)
@@ -47,7 +47,9 @@ class TrainConfig(RunConfig):
     noise_offset: float = 0.0
     gradient_checkpointing: bool = False
     attention: str = "auto"
-    cache: bool = False  # VAE latents (per image and flip) and text embeddings, kept in RUN_DIR/cache.pt
+    cache: bool = field(default=False, metadata={"help": "keep text embeddings and latents in RUN_DIR/cache/ once computed"})
+    encode_ahead: str = field(default="auto", metadata={"help": "encode every latent once before training: yes, no, or "
+                                                                   "auto (yes when the run draws every sample at least once)"})
     validation_prompts: list[str] = field(default_factory=list, metadata={"help": "prompts of the validation images"})
     validation_prompts_file: str | None = field(default=None, metadata={"help": "more validation prompts, one a line"})
     validation_images: int = field(default=1, metadata={"help": "images per prompt, seeded seed, seed+1, ..."})
@@ -81,6 +83,11 @@ class TrainConfig(RunConfig):
             raise UserError(f"unknown --prediction-type {self.prediction_type!r}: use epsilon or v_prediction")
         if self.cache and not self.center_crop:
             raise UserError("--cache stores one latent per image and flip: it needs centre crops, not --no-center-crop")
+        if self.encode_ahead not in ("auto", "yes", "no"):
+            raise UserError(f"unknown --encode-ahead {self.encode_ahead!r}: use auto, yes or no")
+        if self.encode_ahead == "yes" and not self.center_crop:
+            raise UserError("--encode-ahead yes stores one latent per image and flip: it needs centre crops, not "
+                            "--no-center-crop")
         if not self.caption_extension.startswith(".") or len(self.caption_extension) < 2:
             raise UserError(f"--caption-extension {self.caption_extension!r} must start with a dot, e.g. .txt or .caption")
         if self.bucket_min_side and self.bucket_max_side and self.bucket_min_side > self.bucket_max_side:
@@ -120,61 +127,6 @@ def load_components(model: str, device, dtype, config: str | None = None) -> Com
     except OSError as error:
         where = "" if Path(model).exists() else "no local folder of that name exists, and as a hub id: "
         raise UserError(f"cannot load a Stable Diffusion pipeline from {model!r}: {where}{str(error).splitlines()[0]}") from None
-
-
-class Encoders:
-    """The frozen VAE and text encoder, with optional caches so later epochs skip them."""
-
-    def __init__(self, comps: Components, dtype, cache_file: Path | None):
-        self.comps, self.dtype, self.cache_file = comps, dtype, cache_file
-        self.latents = {} if cache_file else None  # latent_key -> (mean, std)
-        self.texts = {} if cache_file else None  # caption -> embedding
-        if cache_file and cache_file.is_file():
-            try:
-                saved = torch.load(cache_file, map_location="cpu", weights_only=True)
-            except Exception as error:  # only a cache: a damaged one is rebuilt, never trusted
-                saved = {}
-                warn(f"{cache_file} cannot be read ({(str(error).splitlines() or [type(error).__name__])[0]}); rebuilding it")
-            if saved.get("keys") == CACHE_KEYS:  # an older cache keyed latents by image alone: rebuilt, not misread
-                self.latents, self.texts = saved["latents"], saved["texts"]
-
-    def save(self) -> None:
-        """Persist the caches (atomically) so a resumed run skips the frozen encoders too."""
-        if self.cache_file:
-            atomic_torch_save({"keys": CACHE_KEYS, "latents": self.latents, "texts": self.texts}, self.cache_file,
-                              "free some space")
-
-    @torch.no_grad()
-    def text(self, captions: list[str], device) -> torch.Tensor:
-        missing = [c for c in dict.fromkeys(captions) if self.texts is None or c not in self.texts]
-        fresh = {}
-        if missing:
-            tokens = self.comps.tokenizer(missing, padding="max_length", truncation=True,
-                                          max_length=self.comps.tokenizer.model_max_length, return_tensors="pt")
-            embedded = self.comps.text_encoder(tokens.input_ids.to(device))[0]
-            fresh = dict(zip(missing, embedded))
-            if self.texts is not None:
-                self.texts.update({c: e.cpu() for c, e in fresh.items()})
-        return torch.stack([(fresh[c] if c in fresh else self.texts[c].to(device)) for c in captions])
-
-    @torch.no_grad()
-    def latent_moments(self, pixels: torch.Tensor, indices: list[int], device):
-        if self.latents is not None and all(i in self.latents for i in indices):
-            mean, std = zip(*(self.latents[i] for i in indices))
-            return torch.stack(mean).to(device), torch.stack(std).to(device)
-        dist = self.comps.vae.encode(pixels.to(device, self.dtype)).latent_dist
-        if self.latents is not None:
-            for i, m, s in zip(indices, dist.mean, dist.std):
-                self.latents[i] = (m.cpu(), s.cpu())
-        return dist.mean, dist.std
-
-
-def latent_key(batch: dict) -> list[str]:
-    """The cache key of each sample's VAE latent: the image, whether it was flipped, and the size it was cropped to
-    (its aspect-ratio bucket), e.g. "12-1-64x96"; a micro-batch's images share one size."""
-    height, width = batch["pixel_values"].shape[-2:]
-    return [f"{index}-{int(flipped)}-{width}x{height}" for index, flipped in zip(batch["index"].tolist(),
-                                                                                   batch["flipped"].tolist())]
 
 
 def diffusion_loss(unet, encoders: Encoders, batch: dict, cfg: TrainConfig, step: int, device) -> torch.Tensor:
@@ -308,11 +260,35 @@ def diffusion_job(session: Session) -> Job:
     if cfg.gradient_checkpointing and not session.tuning.bypass:
         unet.enable_gradient_checkpointing()
         unet.train()
-    encoders = Encoders(comps, session.dtype, session.run / "cache.pt" if cfg.cache else None)
+    cfg = session.cfg = dataclasses.replace(cfg, encode_ahead="yes" if encodes_ahead(cfg, dataset, session) else "no")
+    cache = session.run / "cache"
+    encoders = Encoders(comps, session.dtype, latents=cache / "latents" if cfg.cache or cfg.encode_ahead == "yes" else None,
+                        texts=cache / "texts" if cfg.cache else None)
+
+    def encode_dataset() -> None:
+        if cfg.encode_ahead == "yes":
+            flips = (False, True) if cfg.random_flip else (False,)
+            accelerator = session.accelerator
+            encoders.encode_ahead(dataset, flips, accelerator.process_index, accelerator.num_processes, session.device,
+                                  show=accelerator.is_main_process)
+            accelerator.wait_for_everyone()
 
     return Job(unet, dataset, lambda model, batch, step: diffusion_loss(model, encoders, batch, cfg, step, session.device),
-               record={"attention_backend": backend},
-               on_checkpoint=encoders.save, on_step=validator(session, comps, unet, prompts, held_out))
+               record={"attention_backend": backend}, prepare=encode_dataset,
+               on_step=validator(session, comps, unet, prompts, held_out))
+
+
+def encodes_ahead(cfg: TrainConfig, dataset, session: Session) -> bool:
+    """--encode-ahead auto: yes with centre crops when the run draws at least as many samples as there are latents to
+    encode (so it costs no more VAE work than encoding at each step); decided once and recorded, so a resume keeps it."""
+    if cfg.encode_ahead != "auto":
+        return cfg.encode_ahead == "yes"
+    if not cfg.center_crop:
+        return False
+    if cfg.max_steps is None:
+        return True
+    drawn = cfg.max_steps * cfg.batch_size * cfg.gradient_accumulation * session.accelerator.num_processes
+    return drawn >= len(dataset) * (2 if cfg.random_flip else 1)
 
 
 def held_out_data(cfg: TrainConfig, resolution: int):
@@ -332,7 +308,7 @@ def validator(session: Session, comps: Components, unet, prompts: list[str], hel
     from restune_sd.images import write_validation_folder
 
     cfg = session.cfg
-    encoders = Encoders(comps, session.dtype, None)  # uncached: held-out indices would meet the training cache's keys
+    encoders = Encoders(comps, session.dtype)  # uncached: held-out indices would meet the training cache's keys
 
     def validate(step: int, last_checkpoint, final: bool) -> dict:
         due = final or (cfg.validation_every and step % cfg.validation_every == 0)
@@ -361,4 +337,4 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> dict:
     On resume every setting comes from the checkpoint; `given` names the ones the user set (default: those not at
     their default value), and only SAFE_ON_RESUME ones may differ.
     """
-    return fit(cfg, "unet", diffusion_job, given, early_files=("cache.pt", "validation"))
+    return fit(cfg, "unet", diffusion_job, given, early_files=("cache", "validation"))

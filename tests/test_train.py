@@ -91,7 +91,7 @@ def fixed_draw_loss(tiny, data, tuner=None) -> float:
     batch = torch.utils.data.default_collate([stream[p] for p in range(8)])
     cfg = config(tiny, data, "unused")
     with torch.no_grad():
-        return sum(diffusion_loss(comps.unet, Encoders(comps, torch.float32, None), batch, cfg, 10_000 + k, "cpu").item()
+        return sum(diffusion_loss(comps.unet, Encoders(comps, torch.float32), batch, cfg, 10_000 + k, "cpu").item()
                    for k in range(4)) / 4
 
 
@@ -202,24 +202,50 @@ def test_corrupt_images_are_skipped_and_counted(tiny, tmp_path):
     assert "skipped 2 corrupt images" in result.output + result.stderr
 
 
-def test_cached_encoders_give_the_same_run_and_persist(tiny, folder_data, tmp_path, monkeypatch):
-    train(config(tiny, folder_data, tmp_path / "plain", max_steps=6))
+def counting_encodes(monkeypatch) -> dict:
+    """Counts the VAE calls: latent_moments calls that find a latent missing from the cache."""
     calls = {"vae": 0}
     original = Encoders.latent_moments
 
-    def counting(self, pixels, indices, device):
-        if self.latents is None or not all(i in self.latents for i in indices):
+    def counting(self, pixels, keys, device):
+        if self.latents is None or any(self.latents.get(key) is None for key in keys):
             calls["vae"] += 1
-        return original(self, pixels, indices, device)
+        return original(self, pixels, keys, device)
 
     monkeypatch.setattr(Encoders, "latent_moments", counting)
-    train(config(tiny, folder_data, tmp_path / "cached", max_steps=6, cache=True))
+    return calls
+
+
+def test_cached_and_ahead_encoded_latents_give_the_same_run(tiny, folder_data, tmp_path, monkeypatch):
+    train(config(tiny, folder_data, tmp_path / "plain", max_steps=6, encode_ahead="no"))
+    calls = counting_encodes(monkeypatch)
+    train(config(tiny, folder_data, tmp_path / "cached", max_steps=6, cache=True, encode_ahead="no"))
     assert calls["vae"] == 4  # 8 images in batches of 2: after the first pass every latent comes from the cache
-    a = load_file(str(tmp_path / "plain" / "tuner" / "tuner.safetensors"))
-    b = load_file(str(tmp_path / "cached" / "tuner" / "tuner.safetensors"))
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    cache = torch.load(tmp_path / "cached" / "cache.pt", weights_only=True)
-    assert len(cache["latents"]) == 8 and len(cache["texts"]) >= 2
+    calls["vae"] = 0
+    results = train(config(tiny, folder_data, tmp_path / "ahead", max_steps=6))  # 12 samples drawn >= 8 images: auto
+    assert calls["vae"] == 1  # one chunk of 8 before training, none during it
+    assert json.loads((tmp_path / "ahead" / "config.json").read_text())["encode_ahead"] == "yes"
+    tuners = [load_file(str(tmp_path / run / "tuner" / "tuner.safetensors")) for run in ("plain", "cached", "ahead")]
+    assert all(torch.allclose(tuners[0][k], other[k], atol=1e-6) for other in tuners[1:] for k in tuners[0])
+    assert len(list((tmp_path / "cached" / "cache" / "latents").glob("*.safetensors"))) == 8
+    assert len(list((tmp_path / "cached" / "cache" / "texts").glob("*.safetensors"))) >= 2
+    assert len(list((tmp_path / "ahead" / "cache" / "latents").glob("*.safetensors"))) == 8
+    assert results["steps"] == 6
+
+
+def test_encode_ahead_auto_declines_a_run_shorter_than_the_data_and_a_damaged_latent_is_recomputed(
+        tiny, folder_data, tmp_path, monkeypatch):
+    train(config(tiny, folder_data, tmp_path / "short", max_steps=1))  # 2 samples of 8 images: encoding all costs more
+    assert json.loads((tmp_path / "short" / "config.json").read_text())["encode_ahead"] == "no"
+    assert not (tmp_path / "short" / "cache").exists()
+    train(config(tiny, folder_data, tmp_path / "run", max_steps=4, checkpoint_every=2, encode_ahead="yes"))
+    latents = sorted((tmp_path / "run" / "cache" / "latents").glob("*.safetensors"))
+    latents[0].write_bytes(b"not a safetensors file")
+    calls = counting_encodes(monkeypatch)
+    train(config(tiny, folder_data, tmp_path / "run", max_steps=6, checkpoint_every=2, encode_ahead="yes",
+                 resume="latest"))
+    assert calls["vae"] == 1  # the damaged latent alone was encoded again
+    assert load_file(str(latents[0])).keys() == {"mean", "std"}
 
 
 OPTIONS = {

@@ -1,0 +1,119 @@
+"""The frozen VAE and text encoder of a diffusion run, with their caches on disk: one safetensors file per latent
+(image, flip, crop size) and per caption, written once and read on demand; and encoding a data set's latents once
+before training, as kohya does, where every sample's crop is known in advance."""
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from restune_sd.files import writing
+
+ENCODE_CHUNK = 8  # images per VAE call when encoding ahead; fixed, so the latents do not depend on the process count
+
+
+def latent_key(batch: dict) -> list[str]:
+    """The cache key of each sample's VAE latent: the image, whether it was flipped, and the size it was cropped to
+    (its aspect-ratio bucket), e.g. "12-1-64x96"; a micro-batch's images share one size."""
+    height, width = batch["pixel_values"].shape[-2:]
+    return [f"{index}-{int(flipped)}-{width}x{height}" for index, flipped in zip(batch["index"].tolist(),
+                                                                                   batch["flipped"].tolist())]
+
+
+class TensorFiles:
+    """A folder of small safetensors files, one per key, each written atomically once; a damaged one reads as absent."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.safetensors"
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        try:
+            return load_file(self.path(key))
+        except Exception:  # only a cache (safetensors, never pickle): a missing or damaged entry is recomputed
+            return None
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Write to a file of this process's own, then rename: processes writing one key never meet half a file."""
+        path = self.path(key)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with writing(path, "free some space"):
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                try:
+                    save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, tmp)
+                except OSError:
+                    raise
+                except Exception as error:  # safetensors reports a failed write (e.g. a full disk) as its own error
+                    raise OSError(str(error).splitlines()[0]) from None
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+
+def caption_key(caption: str) -> str:
+    return hashlib.sha256(caption.encode()).hexdigest()[:32]
+
+
+class Encoders:
+    """The frozen VAE and text encoder; latents and text embeddings come from their caches where these hold them."""
+
+    def __init__(self, comps, dtype, latents: Path | None = None, texts: Path | None = None):
+        self.comps, self.dtype = comps, dtype
+        self.latents = TensorFiles(latents) if latents else None
+        self.texts = TensorFiles(texts) if texts else None
+
+    @torch.no_grad()
+    def text(self, captions: list[str], device) -> torch.Tensor:
+        found = {c: self.texts.get(caption_key(c)) for c in dict.fromkeys(captions)} if self.texts else {}
+        found = {c: saved["embedding"] for c, saved in found.items() if saved is not None}
+        missing = [c for c in dict.fromkeys(captions) if c not in found]
+        if missing:
+            tokens = self.comps.tokenizer(missing, padding="max_length", truncation=True,
+                                          max_length=self.comps.tokenizer.model_max_length, return_tensors="pt")
+            for caption, embedding in zip(missing, self.comps.text_encoder(tokens.input_ids.to(device))[0]):
+                found[caption] = embedding
+                if self.texts:
+                    self.texts.put(caption_key(caption), {"embedding": embedding})
+        return torch.stack([found[c].to(device) for c in captions])
+
+    @torch.no_grad()
+    def latent_moments(self, pixels: torch.Tensor, keys: list[str], device):
+        """Each sample's latent mean and std: from the cache where it holds the key (the value first computed for it),
+        else encoded now and, with a cache, kept."""
+        saved = [self.latents.get(key) for key in keys] if self.latents else [None] * len(keys)
+        missing = [i for i, s in enumerate(saved) if s is None]
+        if missing:
+            dist = self.comps.vae.encode(pixels[missing].to(device, self.dtype)).latent_dist
+            for i, mean, std in zip(missing, dist.mean, dist.std):
+                saved[i] = {"mean": mean, "std": std}
+                if self.latents:
+                    self.latents.put(keys[i], saved[i])
+        return (torch.stack([s["mean"].to(device) for s in saved]), torch.stack([s["std"].to(device) for s in saved]))
+
+    def encode_ahead(self, dataset, flips: tuple[bool, ...], rank: int, world: int, device, show: bool) -> int:
+        """Encode every latent the run can ask for (each image at its crop, with each flip in `flips`) into the cache,
+        this process taking every `world`-th chunk of ENCODE_CHUNK same-size images; returns how many it encoded."""
+        from tqdm.auto import tqdm
+
+        groups = {}  # a chunk stacks: one crop size, one flip
+        for flip in flips:
+            for index in range(len(dataset)):
+                groups.setdefault((dataset.crop_size(index), flip), []).append(index)
+        chunks = [[(index, flip) for index in members[i:i + ENCODE_CHUNK]]
+                  for (_, flip), members in sorted(groups.items()) for i in range(0, len(members), ENCODE_CHUNK)]
+        encoded = 0
+        for chunk in tqdm(chunks[rank::world], desc="encoding latents", unit="chunk", disable=not show):
+            items = [dataset.fixed_item(index, flip) for index, flip in chunk]
+            batch = {"pixel_values": torch.stack([pixels for _, pixels in items]),
+                     "index": torch.tensor([current for current, _ in items]),
+                     "flipped": torch.tensor([flip for _, flip in chunk])}
+            keys = latent_key(batch)
+            if any(self.latents.get(key) is None for key in keys):
+                self.latent_moments(batch["pixel_values"], keys, device)
+                encoded += len(keys)
+        return encoded
