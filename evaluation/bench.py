@@ -394,7 +394,8 @@ def run_bench(cfg: BenchConfig) -> dict:
                     progress.set_postfix_str(name)
                     spec = child_spec(cfg, name.removesuffix(CLI_SUFFIX))
                     if name.endswith(CLI_SUFFIX):
-                        runs[name].append(measure_cli(spec, pipeline, data, scratch / f"run-{len(runs[name])}-{spec['tuner']}"))
+                        run = scratch / f"run-{round_}-{spec['tuner']}"
+                        runs[name].append(measure_cli(spec, pipeline, data, run))
                     else:
                         runs[name].append(run_child(spec))
                     progress.update()
