@@ -81,9 +81,14 @@ class BypassLadder(nn.Module):
 
 
 class Tap:
-    """Keeps what one backbone forward shows a ladder: the root's input and every stem's output, in order."""
+    """Keeps what one backbone forward shows a ladder: the root's input and every stem's output, in order.
 
-    def __init__(self):
+    With `select`, only the selected part is kept (a ViT's class token), so the backbone's full hidden states are
+    freed as its forward goes on instead of being held until the ladder runs.
+    """
+
+    def __init__(self, select=None):
+        self.select = select or (lambda hidden: hidden)
         self.root = None
         self.stems = []
 
@@ -92,10 +97,10 @@ class Tap:
                 *(stem.register_forward_hook(self._capture_stem) for stem in stems)]
 
     def _capture_root(self, module, args, kwargs):
-        self.root, self.stems = hidden_input(args, kwargs), []
+        self.root, self.stems = self.select(hidden_input(args, kwargs)), []
 
     def _capture_stem(self, module, args, output):
-        self.stems.append(output[0] if isinstance(output, tuple) else output)
+        self.stems.append(self.select(output[0] if isinstance(output, tuple) else output))
 
     def take(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The features captured since the root ran; the tap is empty afterwards, so nothing outlives a forward."""
@@ -114,8 +119,7 @@ class Bypass(nn.Module):
     def __init__(self, ladder: BypassLadder, select=None):
         super().__init__()
         self.ladder = ladder
-        self.select = select
-        self._tap = Tap()
+        self._tap = Tap(select)
         self._grad_was = []
         self._handles = []
 
@@ -128,10 +132,14 @@ class Bypass(nn.Module):
         ]
         return self
 
-    def run_ladder(self, root: torch.Tensor, stems: list[torch.Tensor]) -> torch.Tensor:
-        if self.select is not None:
-            root, stems = self.select(root), [self.select(stem) for stem in stems]
-        return self.ladder(root, stems)
+    @property
+    def select(self):
+        """What the ladder runs on, taken from each tapped feature as it is captured."""
+        return self._tap.select
+
+    @select.setter
+    def select(self, select) -> None:
+        self._tap.select = select or (lambda hidden: hidden)
 
     def _enter(self, module, args):
         self._grad_was.append(torch.is_grad_enabled())
@@ -142,7 +150,7 @@ class Bypass(nn.Module):
         if not self._grad_was:  # the target called on its own, outside a backbone forward
             return None
         torch.set_grad_enabled(self._grad_was[-1])
-        return (self.run_ladder(*self._tap.take()), *args[1:])
+        return (self.ladder(*self._tap.take()), *args[1:])
 
     def _leave(self, module, args, output):
         torch.set_grad_enabled(self._grad_was.pop())

@@ -126,8 +126,10 @@ def _width(kind: str, block: nn.Module) -> int:
 
 
 def class_token(hidden: torch.Tensor) -> torch.Tensor:
-    """A ViT classifier's head reads only the class token, and the ladder works token by token: run it on that."""
-    return hidden[:, :1]
+    """A ViT classifier's head reads only the class token, and the ladder works token by token: run it on that.
+
+    A copy, not a view: a view would keep the whole hidden state's storage alive."""
+    return hidden[:, :1].clone()
 
 
 def vit_ladder(model, spec) -> BypassLadder:

@@ -55,7 +55,7 @@ class MultiTask:
             else:
                 model = load_tuner(copy.deepcopy(backbone), folder).eval()
                 self.tasks.append(Task(name, dict(model.config.id2label), model=model))
-        self._tap = Tap()
+        self._tap = Tap(select=class_token)  # the ladders read the class token alone: only it is kept
         layers = list(backbone.vit.layers)
         self._handles = self._tap.attach(layers[0], layers) if self.shared else []
 
@@ -74,7 +74,6 @@ class MultiTask:
         if self.shared:
             self.backbone.vit(pixel_values)  # one frozen forward; the tap keeps what the ladders read
             root, stems = self._tap.take()
-            root, stems = class_token(root), [class_token(stem) for stem in stems]
             for task in self.shared:
                 hidden = self.backbone.vit.layernorm(task.ladder(root, stems))
                 logits[task.name] = task.head(hidden[:, 0])
