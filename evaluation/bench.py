@@ -275,6 +275,10 @@ def measure(spec: dict) -> dict:
         set_attention_backend(model, spec["attention"])
     workload = Workload(kind, model, spec, device, dtype)
     weights_mb = memory_mb(device, peak=False)
+    reset_peak(device)
+    with torch.no_grad(), workload.autocast():  # the floor of a bypass step: one frozen forward under no autograd
+        workload.forward(model)
+    frozen_forward_mb = memory_mb(device, peak=True) - weights_mb
     bare_speed = workload.speed(model)
 
     attach(model, tuning)
@@ -293,6 +297,7 @@ def measure(spec: dict) -> dict:
     activations = saved_activation_bytes(lambda: workload.loss(model), model) / 2**20
     figures = {"trainable_params": parameter_summary(model)["trainable_params"], "weights_mb": weights_mb,
                "peak_mb": peak_mb, "above_weights_mb": peak_mb - weights_mb, "saved_activations_mb": activations,
+               "frozen_forward_mb": frozen_forward_mb,
                "step_seconds_all": seconds[spec["warmup"]:]}
     speed_key = "sample_seconds_per_image" if kind == "sd" else "images_per_second"
     return {**figures, speed_key: speed, f"bare_{speed_key}": bare_speed}

@@ -48,24 +48,25 @@ def markdown(result: dict) -> str:
         f"Each contender in its own process: {cfg['warmup']} warm-up + {cfg['steps']} timed AdamW steps on random "
         f"inputs, {cfg['repeats']} interleaved repeat(s), medians. Memory: {memory}; \"above weights\" subtracts the "
         "memory held once the frozen weights were loaded. Saved activations: tensors autograd keeps for backward, "
-        "parameters excluded. " + (f"Sampling: {cfg['sample_steps']} DDIM steps at guidance 7.5, seconds per image, "
+        "parameters excluded. \"Frozen forward\": the same measure for one forward of the bare backbone under no "
+        "autograd, the floor under a bypass step. " + (f"Sampling: {cfg['sample_steps']} DDIM steps at guidance 7.5, seconds per image, "
                                    "with the tuner (bare UNet)." if sd else
                                    f"Inference: images per second over {cfg['sample_steps']} batches, with the tuner "
                                    "(bare ViT).") + " \"(train CLI)\" rows run `restune-sd train` (text encoder, VAE "
         "and data included); their time is its logged seconds per step.", "",
-        "| contender | trainable params | peak MB | above weights MB | ÷ LoRA | ÷ full | saved activations MB | "
-        "s/step [min–max] | ÷ LoRA | ÷ full | " + ("sampling s/image (bare)" if sd else "images/s (bare)")
-        + " | ÷ LoRA |",
-        "|---|" + "---:|" * 11,
+        "| contender | trainable params | peak MB | above weights MB | ÷ LoRA | ÷ full | frozen forward MB | "
+        "saved activations MB | s/step [min–max] | ÷ LoRA | ÷ full | "
+        + ("sampling s/image (bare)" if sd else "images/s (bare)") + " | ÷ LoRA |",
+        "|---|" + "---:|" * 12,
     ]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['contender']} | failed: {row['error']} |" + " |" * 10)
+            lines.append(f"| {row['contender']} | failed: {row['error']} |" + " |" * 11)
             continue
         lines.append(
             f"| {row['contender']} | {_number(row['trainable_params'])} | {_number(row['peak_mb'], 0)} | "
             f"{_number(row.get('above_weights_mb'), 0)} | {_memory(row, 'lora')} | {_memory(row, 'full')} | "
-            f"{_number(row.get('saved_activations_mb'), 1)} | {_number(row['step_seconds'])} "
+            f"{_number(row.get('frozen_forward_mb'), 0)} | {_number(row.get('saved_activations_mb'), 1)} | {_number(row['step_seconds'])} "
             f"[{_number(row['step_seconds_min'])}–{_number(row['step_seconds_max'])}] | "
             f"{_ratio(row, 'lora', 'step_seconds')} | {_ratio(row, 'full', 'step_seconds')} | {_speed(row)} | "
             f"{_ratio(row, 'lora', speed_key)} |")
