@@ -102,8 +102,7 @@ class ResTuningAttnProcessor(nn.Module):
         backend = self.backend
         out = attend(q, k, v, backend, attention_mask)
         if self.tokens:
-            out = mix_unbound(q, k, v, out, self.tokens, attn.to_k, attn.to_v, attn.heads,
-                              lambda q_, k_, v_: attend(q_, k_, v_, backend), attention_mask)
+            out = mix_unbound(q, k, v, out, self.tokens, attn.to_k, attn.to_v, attn.heads, attention_mask)
 
         hidden_states = attn.to_out[1](attn.to_out[0](merge_heads(out).to(q.dtype)))
         if input_ndim == 4:

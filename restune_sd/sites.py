@@ -73,6 +73,5 @@ class ViTAttentionTokens(nn.Module):
         q = split_heads(captured["q_proj"], self.heads)
         k = split_heads(captured["k_proj"], self.heads)
         v = split_heads(captured["v_proj"], self.heads)
-        out = mix_unbound(q, k, v, main, self.tokens, attention.k_proj, attention.v_proj, self.heads,
-                          lambda q_, k_, v_: torch.nn.functional.scaled_dot_product_attention(q_, k_, v_))
+        out = mix_unbound(q, k, v, main, self.tokens, attention.k_proj, attention.v_proj, self.heads)
         return (merge_heads(out).to(args[0].dtype), *args[1:])

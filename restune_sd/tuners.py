@@ -126,18 +126,38 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=N
     return weights @ v, lse
 
 
-def branch_outputs(q: torch.Tensor, tokens: list[nn.Module], to_k, to_v, heads: int, attend) -> list[torch.Tensor]:
-    """Each prefix/prompt tuner's `Attn(Q, K_b, V_b)`, heads split, batch-broadcast keys."""
+def per_head_rows(tokens: torch.Tensor, heads: int) -> torch.Tensor:
+    """(T, heads*d) token keys or values as a block-diagonal (heads*T, heads*d) matrix: row (h, t) holds token t's
+    head-h slice in head h's columns."""
+    count, width = tokens.shape
+    eye = torch.eye(heads, dtype=tokens.dtype, device=tokens.device)
+    return torch.einsum("thd,hg->htgd", tokens.view(count, heads, width // heads), eye).reshape(heads * count, width)
+
+
+def few_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """`softmax(Q K^T / sqrt(d)) V` per head over a few tokens `k, v` (T, heads*d), with Q and the result in the
+    merged (B, N, heads*d) layout: two linear maps through block-diagonal token matrices, so backward keeps Q itself
+    (no head-split copy) and the small (B, N, heads*T) weights, never a full-size output."""
+    scores = F.linear(q, per_head_rows(k, heads) * (k.shape[-1] // heads) ** -0.5)
+    weights = torch.softmax(scores.unflatten(-1, (heads, -1)), dim=-1).flatten(-2)
+    return F.linear(weights, per_head_rows(v, heads).t())
+
+
+def branch_outputs(q: torch.Tensor, tokens: list[nn.Module], to_k, to_v, heads: int) -> list[torch.Tensor]:
+    """Each free-scale prefix/prompt tuner's `s * Attn(Q, K_b, V_b)` in (B, heads, N, d), for Q in that layout.
+
+    The scale multiplies the few value tokens (`Attn(Q, K, s V) = s Attn(Q, K, V)`), so no full-size branch output
+    is kept for its gradient.
+    """
+    merged = merge_heads(q)
     outs = []
     for tuner in tokens:
         k, v = tuner.keys_values(to_k, to_v, q.dtype)
-        k = split_heads(k.unsqueeze(0), heads).expand(q.shape[0], -1, -1, -1)
-        v = split_heads(v.unsqueeze(0), heads).expand(q.shape[0], -1, -1, -1)
-        outs.append(attend(q, k, v))
+        outs.append(split_heads(few_token_attention(merged, k, v * tuner.scale.to(v.dtype), heads), heads))
     return outs
 
 
-def mix_unbound(q, main_k, main_v, main_out, tokens, to_k, to_v, heads, attend, mask=None):
+def mix_unbound(q, main_k, main_v, main_out, tokens, to_k, to_v, heads, mask=None):
     """Frozen attention output plus every Res-Prefix/Res-Prompt branch, in (B, heads, N, dh).
 
     Free-scale tuners add `s * Attn(Q, K_b, V_b)` to the untouched frozen output. Tuners with gate="lambda"
@@ -159,8 +179,8 @@ def mix_unbound(q, main_k, main_v, main_out, tokens, to_k, to_v, heads, attend, 
             lses.append(lse)
         weights = torch.softmax(torch.cat(lses, dim=-1), dim=-1).to(q.dtype)
         out = sum(weights[..., i : i + 1] * part for i, part in enumerate(parts))
-    for tuner, branch in zip(free, branch_outputs(q, free, to_k, to_v, heads, attend)):
-        out = out + tuner.scale.to(branch.dtype) * branch
+    for branch in branch_outputs(q, free, to_k, to_v, heads):
+        out = out + branch
     return out
 
 
