@@ -2,14 +2,15 @@
 
 import typer
 
+from restune_sd.cli.bench import bench
 from restune_sd.cli.classify import app as classify_app
 from restune_sd.cli.demo import demo
 from restune_sd.cli.export import export
+from restune_sd.cli.fid import fid
 from restune_sd.cli.info import info
 from restune_sd.cli.init_tiny import init_tiny
 from restune_sd.cli.sample import sample
 from restune_sd.cli.train import train
-from restune_sd.cli.pending import PENDING, pending_command
 
 app = typer.Typer(
     name="restune-sd",
@@ -21,15 +22,11 @@ app.command("info")(info)
 app.command("init-tiny")(init_tiny)
 app.command("train")(train)
 app.command("sample")(sample)
-app.command("export")(export)
-app.command("demo", hidden=True)(demo)
-app.add_typer(classify_app, name="classify")
-for _name, _what in PENDING.items():
-    app.command(_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(pending_command(_name, _what))
-from restune_sd.cli.fid import fid
 app.command("fid")(fid)
-from restune_sd.cli.bench import bench
+app.command("export")(export)
 app.command("bench")(bench)
+app.add_typer(classify_app, name="classify")
+app.command("demo", hidden=True)(demo)
 
 if __name__ == "__main__":  # `accelerate launch -m restune_sd.cli.main train ...`
     app()
