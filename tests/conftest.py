@@ -94,3 +94,19 @@ def unet():
 @pytest.fixture
 def vit():
     return tiny_vit()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random SD pipeline folder (diffusers layout), written once per test module."""
+    from restune_sd.tiny import write_tiny_sd
+
+    return str(write_tiny_sd(tmp_path_factory.mktemp("model") / "tiny-sd"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A `folder:` data spec of 4 generated captioned images, written once per test module."""
+    from restune_sd.datasets import make_synthetic
+
+    return f"folder:{make_synthetic('folder', tmp_path_factory.mktemp('data') / 'folder', num_classes=2, images_per_class=2)}"

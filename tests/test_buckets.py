@@ -13,17 +13,11 @@ from restune_sd.datasets import build_dataset, make_synthetic
 from restune_sd.datasets.buckets import Buckets, bucket_sizes
 from restune_sd.errors import UserError
 from restune_sd.loop import BucketStream, SampleStream, StepBatches, sample_stream
-from restune_sd.tiny import write_tiny_sd
 from restune_sd.train import TrainConfig, train
 
 RES = 64
 STEP = 32  # the tiny model's 64-pixel images need buckets finer than kohya's 64
 SIZES = bucket_sizes(RES, STEP)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(write_tiny_sd(tmp_path_factory.mktemp("model") / "tiny-sd"))
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,9 @@ from typer.testing import CliRunner
 from restune_sd import TuningConfig, UserError, attach, load_tuner, save_tuner
 from restune_sd.cli.main import app
 from restune_sd.export import merge_lora
-from restune_sd.tiny import write_tiny_sd
 from test_lora_interop import stock_image_equals_ours, trained_lora
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(write_tiny_sd(tmp_path_factory.mktemp("model") / "tiny-sd"))
 
 
 def export(*args):

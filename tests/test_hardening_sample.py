@@ -15,15 +15,9 @@ from typer.testing import CliRunner
 import restune_sd
 from restune_sd.cli.main import app
 from restune_sd.errors import UserError
-from restune_sd.tiny import write_tiny_sd
 
 runner = CliRunner()
 STEPS = ["--steps", "2", "--guidance", "5"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(write_tiny_sd(tmp_path_factory.mktemp("model") / "tiny-sd"))
 
 
 @pytest.fixture(scope="module")

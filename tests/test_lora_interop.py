@@ -19,12 +19,6 @@ from typer.testing import CliRunner
 
 from restune_sd import TuningConfig, attach, load_tuner, save_tuner
 from restune_sd.cli.main import app
-from restune_sd.tiny import write_tiny_sd
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(write_tiny_sd(tmp_path_factory.mktemp("model") / "tiny-sd"))
 
 
 def image(pipe) -> np.ndarray:

@@ -12,15 +12,9 @@ from typer.testing import CliRunner
 
 import restune_sd
 from restune_sd.cli.main import app
-from restune_sd.tiny import write_tiny_sd
 
 runner = CliRunner()
 STEPS = ["--steps", "4", "--guidance", "5"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(write_tiny_sd(tmp_path_factory.mktemp("model") / "tiny-sd"))
 
 
 def saved_tuner(tiny, folder, name, seed):

@@ -15,21 +15,11 @@ from typer.testing import CliRunner
 
 from restune_sd.classify import ClassifyConfig
 from restune_sd.cli.main import app
-from restune_sd.datasets import make_synthetic, make_synthetic_classification
-from restune_sd.tiny import write_tiny_sd, write_tiny_vit
+from restune_sd.datasets import make_synthetic_classification
+from restune_sd.tiny import write_tiny_vit
 from restune_sd.train import TrainConfig, train
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(write_tiny_sd(tmp_path_factory.mktemp("model") / "tiny-sd"))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return f"folder:{make_synthetic('folder', tmp_path_factory.mktemp('data') / 'folder', num_classes=2, images_per_class=2)}"
 
 
 def events(run) -> EventAccumulator:

@@ -15,16 +15,10 @@ import restune_sd.train as training
 from restune_sd.cli.main import app
 from restune_sd.datasets import build_dataset, make_synthetic
 from restune_sd.errors import UserError
-from restune_sd.tiny import write_tiny_sd
 from restune_sd.loop import LR_SCHEDULES, SampleStream, lr_schedule
 from restune_sd.train import Encoders, TrainConfig, diffusion_loss, load_components, train
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(write_tiny_sd(tmp_path_factory.mktemp("model") / "tiny-sd"))
 
 
 @pytest.fixture(scope="module")

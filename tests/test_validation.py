@@ -14,15 +14,9 @@ from typer.testing import CliRunner
 import restune_sd.train as training
 from restune_sd.cli.main import app
 from restune_sd.datasets import make_synthetic
-from restune_sd.tiny import write_tiny_sd
 from restune_sd.train import TrainConfig, held_out_split, train
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(write_tiny_sd(tmp_path_factory.mktemp("model") / "tiny-sd"))
 
 
 @pytest.fixture(scope="module")
