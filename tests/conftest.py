@@ -110,3 +110,16 @@ def data(tmp_path_factory):
     from restune_sd.datasets import make_synthetic
 
     return f"folder:{make_synthetic('folder', tmp_path_factory.mktemp('data') / 'folder', num_classes=2, images_per_class=2)}"
+
+
+def one_error_line(args: list[str]) -> str:
+    """Run the CLI with `args` and check it failed as a user error: exit 2 and one `error: ...` line, no traceback."""
+    from typer.testing import CliRunner
+
+    from restune_sd.cli.main import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, lines
+    return lines[0]

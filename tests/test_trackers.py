@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import one_error_line
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from typer.testing import CliRunner
@@ -58,14 +59,6 @@ def test_classify_train_reports_to_tensorboard_or_to_nothing(tmp_path):
     result = runner.invoke(app, [*base, "--output", str(tmp_path / "watched")])
     assert result.exit_code == 0, result.output
     assert [e.step for e in events(tmp_path / "watched").Scalars("loss")] == [1, 2]
-
-
-def one_error_line(args) -> str:
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, lines
-    return lines[0]
 
 
 def test_a_missing_tracker_package_is_one_line_before_anything_is_written(tiny, data, tmp_path, monkeypatch):

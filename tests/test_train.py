@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import launched_in_two_processes
+from conftest import launched_in_two_processes, one_error_line
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -157,14 +157,6 @@ def test_resume_refuses_settings_the_checkpoint_would_override(tiny, folder_data
     message = one_error_line(["train", "--model", tiny, "--data", folder_data, "--output", str(run), "--batch-size", "2",
                               "--learning-rate", "5e-4", "--max-steps", "4", "--resume", "latest"])
     assert "learning_rate=0.001" in message
-
-
-def one_error_line(args) -> str:
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, lines
-    return lines[0]
 
 
 def test_bad_inputs_get_one_line_each(tiny, folder_data, tmp_path):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import one_error_line
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -109,14 +110,6 @@ def test_every_checkpoint_has_a_tuner_that_sample_loads_and_pruning_removes_it(t
     assert [entry["step"] for entry in metrics(run)] == [1, 2, 3, 4]  # resumed from step-3.pt, not from a tuner folder
     assert sorted(p.name for p in folder.iterdir()) == [
         "step-00000003-tuner", "step-00000003.pt", "step-00000004-tuner", "step-00000004.pt"]
-
-
-def one_error_line(args) -> str:
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, lines
-    return lines[0]
 
 
 def test_bad_validation_settings_are_one_line_and_write_nothing(tiny, data, tmp_path):
