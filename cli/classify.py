@@ -7,7 +7,10 @@ from typing import Annotated
 
 import typer
 
-from restune_sd.cli.common import LrNumCycles, LrPower, LrScheduler, LrStepRules, ReportTo, TensorBoardFlag, config_file, settings_of, user_errors
+from restune_sd.cli.common import (
+    CheckpointEvery, GradientAccumulation, KeepCheckpoints, LrNumCycles, LrPower, LrScheduler, LrStepRules, MaxGradNorm,
+    MixedPrecision, NumWorkers, ReportTo, Resume, RunOutput, Seed, TensorBoardFlag, config_file, settings_of, user_errors,
+)
 
 app = typer.Typer(help="Tune ViT image classifiers (VTAB-1K, FGVC, class folders) and predict with many tuners at once.",
                   no_args_is_help=True)
@@ -21,8 +24,6 @@ BatchSize = Annotated[int, typer.Option(help="images per process per step (VTAB-
 LearningRate = Annotated[float, typer.Option(help="AdamW learning rate (VTAB-1K: 1e-3)")]
 WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay (VTAB-1K: 1e-4)")]
 WarmupEpochs = Annotated[int, typer.Option(help="linear warm-up epochs before the cosine decay")]
-Seed = Annotated[int, typer.Option(help="seed of every random draw")]
-MixedPrecision = Annotated[str, typer.Option(help="no, fp16 (CUDA) or bf16")]
 
 
 @app.command("train")
@@ -31,7 +32,7 @@ def train(
     ctx: typer.Context,
     model: Model,
     data: Annotated[str, typer.Option(help="PREFIX:ROOT: vtab:ROOT/TASK, cub, nabirds, flowers102, dogs, cars, classfolder")],
-    output: Annotated[str, typer.Option(help="new run directory (or the one to --resume)")],
+    output: RunOutput,
     config: config_file("restune_sd.classify:ClassifyConfig") = None,
     tuner: Tuner = "res-tuning",
     split: Annotated[str, typer.Option(help="training split (vtab: train = train800val200)")] = "train",
@@ -41,7 +42,7 @@ def train(
     max_steps: MaxSteps = None,
     epochs: Epochs = 100,
     batch_size: BatchSize = 64,
-    gradient_accumulation: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = 1,
+    gradient_accumulation: GradientAccumulation = 1,
     learning_rate: LearningRate = 1e-3,
     weight_decay: WeightDecay = 1e-4,
     lr_scheduler: LrScheduler = "cosine",
@@ -50,16 +51,16 @@ def train(
     lr_step_rules: LrStepRules = None,
     warmup_epochs: WarmupEpochs = 10,
     warmup_steps: Annotated[int, typer.Option(help="warm-up in steps (overrides --warmup-epochs when > 0)")] = 0,
-    max_grad_norm: Annotated[float, typer.Option(help="gradient clipping norm (0: off)")] = 1.0,
+    max_grad_norm: MaxGradNorm = 1.0,
     seed: Seed = 0,
     mixed_precision: MixedPrecision = "no",
-    checkpoint_every: Annotated[int, typer.Option(help="write a resumable checkpoint every N steps (0: never)")] = 0,
-    keep_checkpoints: Annotated[int, typer.Option(help="how many checkpoints to keep")] = 2,
-    resume: Annotated[str | None, typer.Option(help="latest, or a checkpoint file, to continue --output")] = None,
+    checkpoint_every: CheckpointEvery = 0,
+    keep_checkpoints: KeepCheckpoints = 2,
+    resume: Resume = None,
     eval_batch_size: Annotated[int, typer.Option(help="images per batch when scoring")] = 64,
     report_to: ReportTo = "tensorboard",
     tensorboard: TensorBoardFlag = False,
-    num_workers: Annotated[int, typer.Option(help="data loader workers")] = 0,
+    num_workers: NumWorkers = 0,
 ):
     """Tune a frozen ViT with a tuner and a new head; writes the tuner, config, metrics, loss curve and top-1 to OUTPUT."""
     settings, given = settings_of(ctx, locals())

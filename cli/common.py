@@ -11,6 +11,15 @@ import typer
 from restune_sd.errors import UserError
 
 # Options that `train` and `classify train` share, declared once.
+RunOutput = Annotated[str, typer.Option(help="new run directory (or the one to --resume)")]
+Resume = Annotated[str | None, typer.Option(help="latest, or a checkpoint file, to continue --output")]
+GradientAccumulation = Annotated[int, typer.Option(help="micro-batches per optimizer step")]
+MaxGradNorm = Annotated[float, typer.Option(help="gradient clipping norm (0: off)")]
+Seed = Annotated[int, typer.Option(help="seed of every random draw")]
+MixedPrecision = Annotated[str, typer.Option(help="no, fp16 (CUDA) or bf16")]
+CheckpointEvery = Annotated[int, typer.Option(help="write a resumable checkpoint every N steps (0: never)")]
+KeepCheckpoints = Annotated[int, typer.Option(help="how many checkpoints to keep")]
+NumWorkers = Annotated[int, typer.Option(help="data loader workers")]
 ReportTo = Annotated[str, typer.Option(help="where loss, lr and validation go: tensorboard (RUN_DIR/tensorboard), wandb, "
                                             "all (both) or none")]
 LrScheduler = Annotated[str, typer.Option(help="diffusers' schedules: constant, constant_with_warmup, linear, cosine, "

@@ -5,7 +5,10 @@ from typing import Annotated
 
 import typer
 
-from restune_sd.cli.common import LrNumCycles, LrPower, LrScheduler, LrStepRules, ReportTo, TensorBoardFlag, config_file, settings_of, user_errors
+from restune_sd.cli.common import (
+    CheckpointEvery, GradientAccumulation, KeepCheckpoints, LrNumCycles, LrPower, LrScheduler, LrStepRules, MaxGradNorm,
+    MixedPrecision, NumWorkers, ReportTo, Resume, RunOutput, Seed, TensorBoardFlag, config_file, settings_of, user_errors,
+)
 
 
 @user_errors
@@ -13,7 +16,7 @@ def train(
     ctx: typer.Context,
     model: Annotated[str, typer.Option(help="diffusers Stable Diffusion pipeline folder, hub id, or SD v1.x single-file .safetensors/.ckpt")],
     data: Annotated[str, typer.Option(help="PREFIX:ROOT: coco, cub, flowers102, cars, aircraft, food101, classfolder, folder, kohya, hf")],
-    output: Annotated[str, typer.Option(help="new run directory (or the one to --resume)")],
+    output: RunOutput,
     config: config_file("restune_sd.train:TrainConfig") = None,
     model_config: Annotated[str | None, typer.Option(help="with a single-file --model: a diffusers SD v1.x pipeline folder whose configs, tokenizer and scheduler to use (needed offline)")] = None,
     tuner: Annotated[str, typer.Option(help="res-tuning, bypass, adapter, prefix, prompt, lora (r=50, the paper's), lora-r4, full, or a YAML/JSON config")] = "res-tuning",
@@ -33,7 +36,7 @@ def train(
     max_steps: Annotated[int | None, typer.Option(help="optimizer steps (overrides --epochs)")] = None,
     epochs: Annotated[int, typer.Option(help="passes over the data")] = 1,
     batch_size: Annotated[int, typer.Option(help="images per process per micro-batch")] = 1,
-    gradient_accumulation: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = 1,
+    gradient_accumulation: GradientAccumulation = 1,
     learning_rate: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-4,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 1e-2,
     lr_scheduler: LrScheduler = "constant",
@@ -41,9 +44,9 @@ def train(
     lr_power: LrPower = 1.0,
     lr_step_rules: LrStepRules = None,
     warmup_steps: Annotated[int, typer.Option(help="linear warm-up steps")] = 0,
-    max_grad_norm: Annotated[float, typer.Option(help="gradient clipping norm (0: off)")] = 1.0,
-    seed: Annotated[int, typer.Option(help="seed of every random draw")] = 0,
-    mixed_precision: Annotated[str, typer.Option(help="no, fp16 (CUDA) or bf16")] = "no",
+    max_grad_norm: MaxGradNorm = 1.0,
+    seed: Seed = 0,
+    mixed_precision: MixedPrecision = "no",
     prediction_type: Annotated[str | None, typer.Option(help="epsilon or v_prediction (default: the model's scheduler)")] = None,
     snr_gamma: Annotated[float | None, typer.Option(help="Min-SNR loss weighting gamma (e.g. 5)")] = None,
     noise_offset: Annotated[float, typer.Option(help="noise offset")] = 0.0,
@@ -51,9 +54,9 @@ def train(
     attention: Annotated[str, typer.Option(help="auto, xformers or sdpa")] = "auto",
     cache: Annotated[bool, typer.Option(help="keep text embeddings and VAE latents in RUN_DIR/cache/ once computed")] = False,
     encode_ahead: Annotated[str, typer.Option(help="encode every latent once before training (as kohya does): yes, no, or auto (yes with centre crops when the run draws every sample at least once)")] = "auto",
-    checkpoint_every: Annotated[int, typer.Option(help="write a resumable checkpoint every N steps (0: never)")] = 0,
-    keep_checkpoints: Annotated[int, typer.Option(help="how many checkpoints to keep")] = 2,
-    resume: Annotated[str | None, typer.Option(help="latest, or a checkpoint file, to continue --output")] = None,
+    checkpoint_every: CheckpointEvery = 0,
+    keep_checkpoints: KeepCheckpoints = 2,
+    resume: Resume = None,
     validation_prompts: Annotated[list[str] | None, typer.Option("--validation-prompt", help="prompt of validation images; repeat for several")] = None,
     validation_prompts_file: Annotated[str | None, typer.Option(help="a text file of validation prompts, one a line")] = None,
     validation_images: Annotated[int, typer.Option(help="images per validation prompt (seeds SEED, SEED+1, ...)")] = 1,
@@ -64,7 +67,7 @@ def train(
     validation_samples: Annotated[int, typer.Option(help="held-out images the validation loss averages")] = 16,
     report_to: ReportTo = "tensorboard",
     tensorboard: TensorBoardFlag = False,
-    num_workers: Annotated[int, typer.Option(help="data loader workers")] = 0,
+    num_workers: NumWorkers = 0,
 ):
     """Fine-tune a frozen SD UNet with a tuner; writes the tuner, config, metrics and loss curve to OUTPUT."""
     # On --resume, options left out are taken from the run; only those the user set count as changes.
