@@ -18,8 +18,11 @@ def latent_key(batch: dict) -> list[str]:
     """The cache key of each sample's VAE latent: the image, whether it was flipped, and the size it was cropped to
     (its aspect-ratio bucket), e.g. "12-1-64x96"; a micro-batch's images share one size."""
     height, width = batch["pixel_values"].shape[-2:]
-    return [f"{index}-{int(flipped)}-{width}x{height}" for index, flipped in zip(batch["index"].tolist(),
-                                                                                   batch["flipped"].tolist())]
+    return keys_of(batch["index"].tolist(), batch["flipped"].tolist(), (width, height))
+
+
+def keys_of(indices: list[int], flips: list[bool], size: tuple[int, int]) -> list[str]:
+    return [f"{index}-{int(flipped)}-{size[0]}x{size[1]}" for index, flipped in zip(indices, flips)]
 
 
 class TensorFiles:
@@ -108,12 +111,15 @@ class Encoders:
                   for (_, flip), members in sorted(groups.items()) for i in range(0, len(members), ENCODE_CHUNK)]
         encoded = 0
         for chunk in tqdm(chunks[rank::world], desc="encoding latents", unit="chunk", disable=not show):
+            # A resumed run finds its chunks on disk: only existence is checked, before any image is decoded (a
+            # damaged file is encoded again when a step first reads it; a corrupt image's key is missing, so its
+            # replacement is decoded and encoded here).
+            indices, flips = [index for index, _ in chunk], [flip for _, flip in chunk]
+            if all(self.latents.path(key).is_file() for key in keys_of(indices, flips, dataset.crop_size(indices[0]))):
+                continue
             items = [dataset.fixed_item(index, flip) for index, flip in chunk]
             batch = {"pixel_values": torch.stack([pixels for _, pixels in items]),
-                     "index": torch.tensor([current for current, _ in items]),
-                     "flipped": torch.tensor([flip for _, flip in chunk])}
-            keys = latent_key(batch)
-            if any(self.latents.get(key) is None for key in keys):
-                self.latent_moments(batch["pixel_values"], keys, device)
-                encoded += len(keys)
+                     "index": torch.tensor([current for current, _ in items]), "flipped": torch.tensor(flips)}
+            self.latent_moments(batch["pixel_values"], latent_key(batch), device)
+            encoded += len(chunk)
         return encoded
