@@ -4,6 +4,7 @@
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -13,8 +14,8 @@ from restune_sd.errors import UserError
 from restune_sd.files import write_atomic, writing
 from restune_sd.config import TuningConfig
 from restune_sd.inject import unwrap
-from restune_sd.io import (LORA_FILE, find_tuner_dir, is_plain_unet_lora, lora_pairs, plain_class, read_tuner_config,
-                           read_weights, write_diffusers_lora)
+from restune_sd.io import (CONFIG_FILE, LORA_FILE, WEIGHTS_FILE, find_tuner_dir, is_plain_unet_lora, lora_pairs,
+                           plain_class, read_tuner_config, read_weights, write_diffusers_lora)
 
 FORMATS = ("kohya", "diffusers")
 
@@ -32,13 +33,39 @@ def kohya_state(pairs: dict, alpha: float) -> dict[str, torch.Tensor]:
 
 
 def export_output(output, fmt: str) -> Path:
-    """The file to write: `output` itself, or for diffusers an existing folder's `pytorch_lora_weights.safetensors`."""
+    """The file to write: `output` itself, or for diffusers `pytorch_lora_weights.safetensors` in the folder `output`
+    (an existing folder, or a new path not ending in .safetensors, made when written)."""
     output = Path(output)
-    if fmt == "diffusers" and output.is_dir():
+    if fmt == "diffusers" and (output.is_dir() or (output.suffix != ".safetensors" and not output.exists())):
         return output / LORA_FILE
     if output.suffix != ".safetensors":
         raise UserError(f"--output {output} must end in .safetensors" + (" (or be a folder)" if fmt == "diffusers" else ""))
     return output
+
+
+def refuse_own_input(path: Path, folder: Path) -> None:
+    """`path` must lie outside the tuner folder being read and be none of its files, also through links."""
+    target, source = path.resolve(), folder.resolve()
+    inputs = [folder / CONFIG_FILE, folder / WEIGHTS_FILE]
+    if (target == source or source in target.parents or any(target == read.resolve() for read in inputs)
+            or (path.exists() and any(os.path.samefile(path, read) for read in inputs))):
+        raise UserError(f"--output {path} lies in the tuner folder {folder} that export reads (or is one of its "
+                        "files): choose an --output outside it")
+
+
+@contextmanager
+def new_folder(folder: Path, hint: str):
+    """`folder` made with any missing parents; if the body fails, the folders made here are removed again."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    with writing(folder, hint):
+        folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for made in missing:
+            with suppress(OSError):
+                made.rmdir()
+        raise
 
 
 def export_lora(tuner, fmt: str, output, overwrite: bool = False) -> dict:
@@ -52,20 +79,21 @@ def export_lora(tuner, fmt: str, output, overwrite: bool = False) -> dict:
         raise UserError(f"tuner {folder} ({kind} tuner) has no foreign format, only UNet LoRA tuners do: use it with "
                         f"`restune-sd sample --tuner {tuner}` or restune_sd.load_tuner")
     path = export_output(output, fmt)
+    refuse_own_input(path, folder)
     if path.exists() and not overwrite:
         raise UserError(f"{path} already exists: choose another --output, or pass --overwrite to replace it")
     lora = TuningConfig.from_dict(meta["tuning"]).lora
     alpha = lora.alpha or lora.rank
     state = read_weights(folder, meta)
     pairs = lora_pairs(state)
-    with writing(path.parent, "choose an --output where you can write"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "kohya":
-        metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(lora.rank),
-                    "ss_network_alpha": str(alpha), "ss_base_model_version": "sd_v1"}
-        write_atomic(path, lambda tmp: save_file(kohya_state(pairs, alpha), str(tmp), metadata))
-    else:
-        write_diffusers_file(state, lora, path)
+    hint = "choose an --output where you can write"
+    with new_folder(path.parent, hint), writing(path, hint):
+        if fmt == "kohya":
+            metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(lora.rank),
+                        "ss_network_alpha": str(alpha), "ss_base_model_version": "sd_v1"}
+            write_atomic(path, lambda tmp: save_file(kohya_state(pairs, alpha), str(tmp), metadata), hint)
+        else:
+            write_diffusers_file(state, lora, path)
     return {"file": str(path), "format": fmt, "lora_modules": len(pairs), "rank": lora.rank, "alpha": alpha}
 
 
@@ -73,8 +101,7 @@ def write_diffusers_file(state: dict, lora, path: Path) -> None:
     """diffusers writes into a folder: write into a temporary sibling folder, then rename the file into place."""
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        with writing(path, "free some space or choose another --output"):
-            os.replace(write_diffusers_lora(state, lora, staging), path)
+        os.replace(write_diffusers_lora(state, lora, staging), path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

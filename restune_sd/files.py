@@ -4,8 +4,10 @@ import errno
 import json
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 from restune_sd.errors import UserError
 
@@ -32,7 +34,7 @@ def writing(what, hint: str = ""):
     """Turn a failed write (full disk, read-only or missing folder) into one line naming `what` and what to do."""
     try:
         yield
-    except OSError as error:
+    except (OSError, SafetensorError) as error:  # safetensors reports a failed write as its own error
         raise UserError(f"cannot write {what} ({write_reason(error)}){'; ' + hint if hint else ''}") from None
 
 
@@ -43,13 +45,19 @@ def write_atomic(path, write, hint: str = "") -> Path:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as error:
-        tmp.unlink(missing_ok=True)
+    except (OSError, RuntimeError, SafetensorError) as error:
+        remove_quietly(tmp)
         raise UserError(f"cannot write {path} ({write_reason(error)}){'; ' + hint if hint else ''}") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        remove_quietly(tmp)
         raise
     return path
+
+
+def remove_quietly(path) -> None:
+    """Remove a temporary file if it is there; where that fails too (a read-only file system), the first error counts."""
+    with suppress(OSError):
+        Path(path).unlink(missing_ok=True)
 
 
 def write_text_atomic(path, text: str, hint: str = "") -> Path:
