@@ -12,7 +12,8 @@ from restune_sd.cli.common import user_errors
 @user_errors
 def export(
     tuner: Annotated[str, typer.Argument(help="LoRA tuner folder or run directory")],
-    output: Annotated[Path, typer.Option(help="the .safetensors file to write (diffusers: or a folder)")],
+    output: Annotated[Path, typer.Option(help="the .safetensors file to write (diffusers: or a folder, made if new), "
+                                              "outside the tuner folder")],
     format: Annotated[str, typer.Option("--format", help="kohya (A1111, ComfyUI, sd-scripts) or diffusers")] = "kohya",
     overwrite: Annotated[bool, typer.Option(help="replace an existing output file")] = False,
 ):
