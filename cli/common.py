@@ -59,10 +59,13 @@ def config_file(config_class: str):
         module, name = config_class.split(":")
         fields = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))}
         try:
-            settings = read_run_settings(value, fields)
+            settings = read_run_settings(value, fields, option_aliases(ctx.command))
         except UserError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2) from None
+        for option in ctx.command.params:  # `validation-prompt: a cat` is one prompt, as the flag given once is
+            if option.multiple and isinstance(settings.get(option.name), str):
+                settings[option.name] = [settings[option.name]]
         flags = {p.name for p in ctx.command.params}
         ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in settings.items() if k in flags}}
         ctx.meta["config_extra"] = {k: v for k, v in settings.items() if k not in flags}
@@ -71,6 +74,14 @@ def config_file(config_class: str):
     return Annotated[str | None, typer.Option("--config", is_eager=True, callback=read, help=(
         "YAML/JSON file of settings (option names with dashes or underscores; a run's config.json repeats that run); "
         "flags given beside it override it"))]
+
+
+def option_aliases(command) -> dict[str, tuple[str, bool]]:
+    """Each option's names as --help prints them, as `read_run_settings` takes them: name -> (setting, negated),
+    e.g. validation_prompt -> (validation_prompts, False), no_center_crop -> (center_crop, True)."""
+    return {opt.lstrip("-").replace("-", "_"): (option.name, negated) for option in command.params
+            for opts, negated in ((option.opts, False), (getattr(option, "secondary_opts", []), True))
+            for opt in opts if opt.startswith("--")}
 
 
 def settings_of(ctx: typer.Context, local_values: dict) -> tuple[dict, set[str]]:

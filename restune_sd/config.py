@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,9 @@ MAX_PATTERN_LENGTH = 200
 # Variable repeats a blocks pattern may hold: with k of them a full match costs at most ~n^k steps on a name of n
 # characters, so 4 keeps the worst case well under a second on block names.
 MAX_VARIABLE_REPEATS = 4
+# What a YAML file's aliases may expand to: far above any config (a few hundred values), far below a "billion laughs"
+# (eight nested lists of ten aliases each, 300 bytes that stand for 10**8 values).
+MAX_YAML_VALUES = 100_000
 
 UNBOUND_KINDS = ("res-adapter", "res-prefix", "res-prompt")
 BOUND_KINDS = ("adapter", "prefix", "prompt")
@@ -139,7 +143,7 @@ def _build(cls, data, where: str):
     hints = typing.get_type_hints(cls)
     for name, value in data.items():
         if not _fits(value, hints[name]):
-            raise UserError(f"{where}: {name} must be {_describe(hints[name])}, not {value!r}")
+            raise UserError(f"{where}: {name} must be {_describe(hints[name])}, not {reprlib.repr(value)}")
     try:
         built = cls(**data)
     except TypeError as error:
@@ -229,13 +233,49 @@ def _check_pattern(pattern: str) -> None:
                         f"{MAX_VARIABLE_REPEATS} so that matching stays fast")
 
 
+class AliasBomb(yaml.YAMLError):
+    """A YAML document whose aliases refer to themselves or expand beyond MAX_YAML_VALUES values."""
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that counts what a document's aliases (*name) expand to before it builds anything."""
+
+    def construct_document(self, node):
+        expanded_size(node, {}, set())
+        return super().construct_document(node)
+
+
+def expanded_size(node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """How many values `node` stands for with every alias written out; each node is measured once, so a bomb is cheap."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_nodes:
+        raise AliasBomb("an alias refers to itself (it is used inside its own anchor)")
+    open_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    else:
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
+    size = 1 + sum(expanded_size(child, sizes, open_nodes) for child in children)
+    if size > MAX_YAML_VALUES:
+        raise AliasBomb(f"its aliases (*name) would expand to more than {MAX_YAML_VALUES:,} values: write the values out")
+    open_nodes.discard(id(node))
+    sizes[id(node)] = size
+    return size
+
+
 def read_mapping(path, what: str, example: str) -> dict:
     """A YAML (.yaml/.yml) or JSON file holding one mapping, read safely; `what` and `example` word the errors."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist: pass a YAML or JSON file")
     try:
-        data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+        text = path.read_text()
+        data = yaml.load(text, Loader=BoundedLoader) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except AliasBomb as error:
+        raise UserError(f"{what} {path} is refused: {error}") from None
+    except RecursionError:
+        raise UserError(f"{what} {path} is nested too deeply to read: a config needs a few levels at most") from None
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"{what} {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {error}".splitlines()[0]) from None
     if data is None:
@@ -254,23 +294,33 @@ def load_config(path) -> TuningConfig:
 
 # What a run's config.json holds beside its settings: read back as --config, these are passed over.
 RUN_RECORD_KEYS = ("tuning", "num_processes", "dataset_size", "total_steps", "attention_backend", "tuner_params",
-                   "head_params", "trainable_params", "total_params")
+                   "head_params", "trainable_params", "total_params", "image_mean", "image_std")
 
 
-def read_run_settings(path, fields: set[str]) -> dict:
-    """Settings for a run from a YAML/JSON file (`--config`): names as the options' (dashes or underscores).
+def read_run_settings(path, fields: set[str], aliases: dict[str, tuple[str, bool]] | None = None) -> dict:
+    """Settings for a run from a YAML/JSON file (`--config`): names as the settings' or the options' (dashes or
+    underscores). `aliases` maps an option's other names to (setting, negated), e.g. validation_prompt ->
+    (validation_prompts, False) and no_center_crop -> (center_crop, True).
 
     A run's own config.json is accepted as it is (its record of the run is passed over, and it never resumes), so a
     run can be repeated from it; any other name that is not a setting is refused.
     """
+    aliases = aliases or {}
     data = read_mapping(path, "run config", "model: ..., data: ..., output: ...")
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
     is_run_record = "tuning" in data and "total_steps" in data
-    unknown = sorted(k for k in data if k not in fields and not (is_run_record and k in RUN_RECORD_KEYS))
+    settings, written = {}, {}
+    for key, value in data.items():
+        name, negated = aliases.get(str(key).replace("-", "_"), (str(key).replace("-", "_"), False))
+        if name in written:
+            raise UserError(f"run config {path}: {name} is given twice (as {written[name]} and {key}): keep one")
+        if negated and not isinstance(value, bool):
+            raise UserError(f"run config {path}: {key} must be true or false, not {reprlib.repr(value)}")
+        settings[name], written[name] = (not value if negated else value), key
+    unknown = sorted(k for k in settings if k not in fields and not (is_run_record and k in RUN_RECORD_KEYS))
     if unknown:
         raise UserError(f"run config {path}: {', '.join(unknown)} is not a setting of this command; "
                         f"see --help for the names (dashes or underscores)")
-    return {k: v for k, v in data.items() if k in fields and not (is_run_record and k == "resume")}
+    return {k: v for k, v in settings.items() if k in fields and not (is_run_record and k == "resume")}
 
 
 # The recipes behind each preset, counted on the real architectures (tests/test_bypass_and_io.py checks each).
