@@ -3,7 +3,6 @@
 
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from restune_sd.errors import UserError
-from restune_sd.files import write_atomic, writing
+from restune_sd.files import staging_folder, write_atomic, writing
 from restune_sd.config import TuningConfig
 from restune_sd.inject import unwrap
 from restune_sd.io import (CONFIG_FILE, LORA_FILE, WEIGHTS_FILE, find_tuner_dir, is_plain_unet_lora, lora_pairs,
@@ -99,7 +98,7 @@ def export_lora(tuner, fmt: str, output, overwrite: bool = False) -> dict:
 
 def write_diffusers_file(state: dict, lora, path: Path) -> None:
     """diffusers writes into a folder: write into a temporary sibling folder, then rename the file into place."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    staging = staging_folder(path)
     try:
         os.replace(write_diffusers_lora(state, lora, staging), path)
     finally:

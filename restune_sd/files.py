@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import secrets
 import sys
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -36,6 +37,19 @@ def writing(what, hint: str = ""):
         yield
     except (OSError, SafetensorError) as error:  # safetensors reports a failed write as its own error
         raise UserError(f"cannot write {what} ({write_reason(error)}){'; ' + hint if hint else ''}") from None
+
+
+def staging_folder(final) -> Path:
+    """A new empty hidden sibling of the folder `final`, to fill and then rename into place. Made with os.mkdir, so it
+    has the umask's permissions as `final` would (tempfile.mkdtemp makes every folder 0700)."""
+    final = Path(final)
+    while True:
+        staging = final.with_name(f".{final.name}.{secrets.token_hex(4)}")
+        try:
+            staging.mkdir()
+            return staging
+        except FileExistsError:  # another staging folder drew the same name: draw again
+            continue
 
 
 def write_atomic(path, write, hint: str = "") -> Path:

@@ -2,8 +2,9 @@
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from restune_sd.files import staging_folder
 
 
 def image_grid(rows: list[list]):
@@ -23,7 +24,7 @@ def write_validation_folder(rows: list[list], prompts: list[str], folder: Path) 
     whole or not at all (an earlier folder of that name is replaced)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    staging = staging_folder(folder)
     try:
         for r, row in enumerate(rows):
             for i, image in enumerate(row):

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 from restune_sd.attention import guard_processors
 from restune_sd.config import TuningConfig
 from restune_sd.errors import UserError
+from restune_sd.files import staging_folder
 from restune_sd.inject import attach, backbone_kind, unwrap
 
 FORMAT = "restune-sd-tuner/2"
@@ -74,7 +74,7 @@ def save_tuner(model, path, extra: dict | None = None) -> Path:
     if model.restune.head_names:
         meta["head"] = {"num_labels": model.config.num_labels, "id2label": {str(k): v for k, v in model.config.id2label.items()}}
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    staging = staging_folder(path)
     try:
         save_file(state, str(staging / WEIGHTS_FILE))
         if is_plain_unet_lora(meta):
