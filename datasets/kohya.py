@@ -1,7 +1,6 @@
-"""Image folders in kohya sd-scripts' layout: each image captioned by a same-name text file, and sub-folders named
-`N_name` whose images count N times per epoch."""
+"""Image folders in kohya sd-scripts' `--train_data_dir` layout: sub-folders named `N_name` whose images count N times
+per epoch, each image captioned by a same-name text file or else by the folder's `name`."""
 
-import re
 from pathlib import Path
 
 from restune_sd.datasets.checks import require_root
@@ -9,17 +8,20 @@ from restune_sd.datasets.finegrained import IMAGE_SUFFIXES
 from restune_sd.errors import UserError
 from restune_sd.files import warn
 
-REPEATS = re.compile(r"(\d+)_(.*)")  # kohya's "10_sks dog": 10 repeats, class tokens "sks dog"
+MAX_REPEATS = 10_000  # kohya sets no bound; a larger N is a typo, and each repeat is an entry held in memory
+MAX_EPOCH_SAMPLES = 10_000_000  # about a gigabyte of (image, caption) entries
 
 
-def folder_repeats(folder: Path, root: Path) -> tuple[int, str | None]:
-    """How many times the folder's images count per epoch, and the caption of an image that has no caption file."""
-    match = REPEATS.fullmatch(folder.name) if folder != root else None
-    if not match:
-        return 1, None
-    if int(match[1]) < 1:
-        raise UserError(f"kohya: folder {folder} repeats its images {match[1]} times: name it N_{match[2]} with N >= 1")
-    return int(match[1]), match[2].strip() or None
+def folder_repeats(folder: Path) -> tuple[int, str] | None:
+    """(N, name) of a folder named `N_name` (or just `N`, whose name is ""), split at the first "_" as kohya does;
+    None where the part before it is not a number."""
+    count, _, name = folder.name.partition("_")
+    if not (count.isascii() and count.isdigit()):
+        return None
+    if int(count) > MAX_REPEATS:
+        raise UserError(f"kohya: folder {folder} repeats its images {int(count):,} times, more than {MAX_REPEATS:,}: "
+                        f"rename it with a smaller N (e.g. 10_{name})")
+    return int(count), name.strip()
 
 
 def read_caption(image: Path, extension: str) -> str | None:
@@ -36,30 +38,61 @@ def read_caption(image: Path, extension: str) -> str | None:
     return lines[0].strip()
 
 
-def read_kohya_folder(root, split: str, caption_extension: str = ".txt") -> list[tuple[Path, list[str]]]:
-    """Images in ROOT and its sub-folders (not deeper, as kohya), each listed once per repeat of its folder.
+def images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
 
-    An image without a caption file is captioned, as kohya does, with its N_name folder's name, and elsewhere with ""
-    (unconditional), with one warning; a folder where no image has a caption file or a name to fall back on fails.
+
+def count(things: list, what: str) -> str:
+    return f"{len(things)} {what}{'' if len(things) == 1 else 's'}"
+
+
+def repeated_folders(root: Path) -> list[tuple[Path, int, str, list[Path]]]:
+    """Each `N_name` sub-folder with N >= 1 and its images; what kohya skips (images directly in ROOT, other
+    sub-folders, N = 0) is skipped here too, with a warning line."""
+    folders, skipped = [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        parsed = folder_repeats(folder)
+        if parsed is None or parsed[0] < 1:
+            skipped.append(folder)
+        else:
+            folders.append((folder, *parsed, images_in(folder)))
+    if skipped:
+        warn(f"kohya: skipped {count(skipped, 'sub-folder')} whose name is not N_name with N >= 1 repeats, as kohya "
+             f"skips them (first: {skipped[0]}): rename a folder e.g. 10_name to train on its images")
+    loose = images_in(root)
+    if loose:
+        warn(f"kohya: skipped {count(loose, 'image')} directly in {root}, as kohya reads only its N_name sub-folders "
+             f"(first: {loose[0].name}): move them into one (e.g. 1_name) to train on them")
+    samples = sum(repeats * len(images) for _, repeats, _, images in folders)
+    if samples > MAX_EPOCH_SAMPLES:
+        folder, repeats, _, images = max(folders, key=lambda f: f[1] * len(f[3]))
+        raise UserError(f"kohya: one epoch of {root} holds {samples:,} samples, more than {MAX_EPOCH_SAMPLES:,} "
+                        f"(folder {folder}: {len(images):,} images x {repeats:,}): lower the repeat counts N")
+    return folders
+
+
+def read_kohya_folder(root, split: str, caption_extension: str = ".txt") -> list[tuple[Path, list[str]]]:
+    """Images in ROOT's `N_name` sub-folders (not deeper, as kohya), each listed once per repeat of its folder.
+
+    An image without a caption file is captioned with its folder's name, as kohya does, with one warning; a data set
+    where no image has a caption file nor a folder name to fall back on is refused (a wrong --caption-extension).
     """
-    root = require_root(root, "kohya", f"images with {caption_extension} caption files, or N_name sub-folders of them")
-    folders = [root, *sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))]
+    root = require_root(root, "kohya", f"N_name sub-folders of images with {caption_extension} caption files")
     records, uncaptioned = [], []
-    for folder in folders:
-        repeats, fallback = folder_repeats(folder, root)
-        images = (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-        for image in sorted(p for p in images if p.is_file()):
+    for folder, repeats, name, images in repeated_folders(root):
+        for image in images:
             caption = read_caption(image, caption_extension)
             if caption is None:
                 uncaptioned.append(image)
-            records += [(image, [caption if caption is not None else fallback or ""])] * repeats
+            records += [(image, [name if caption is None else caption])] * repeats
     if not records:
-        raise UserError(f"kohya: no images ({', '.join(IMAGE_SUFFIXES)}) in {root} or its sub-folders")
+        raise UserError(f"kohya: no images ({', '.join(IMAGE_SUFFIXES)}) in the N_name sub-folders of {root}: kohya "
+                        f"reads images only from sub-folders named N_name (N repeats per epoch), e.g. {root / '10_dog'}")
     if uncaptioned and all(caption == [""] for _, caption in records):
         raise UserError(f"kohya: no image in {root} has a {caption_extension} caption file (first: {uncaptioned[0]}) "
-                        "or an N_name folder: pass --caption-extension to match yours (e.g. .caption)")
+                        "or a name after N_ in its folder's: pass --caption-extension to match yours (e.g. .caption)")
     if uncaptioned:
-        count = "1 image has" if len(uncaptioned) == 1 else f"{len(uncaptioned)} images have"
-        warn(f"kohya: {count} no {caption_extension} caption file (first: {uncaptioned[0]}); "
-             "they are captioned with their N_name folder's name, or \"\" outside such folders")
+        warn(f"kohya: {count(uncaptioned, 'image')} without a {caption_extension} caption file (first: "
+             f"{uncaptioned[0]}): each is captioned with its folder's name after N_, as kohya does")
     return records

@@ -47,44 +47,38 @@ def test_kohya_captions_come_from_same_name_files_and_folders_repeat(tmp_path, c
         caption_file = path.with_suffix(".txt")
         expected = caption_file.read_text().strip() if caption_file.exists() else path.parent.name.split("_", 1)[1]
         assert captions == [[expected]] * (2 if path.parent.name.startswith("2_") else 1)
-    assert "2 images have no .txt caption file" in capsys.readouterr().err
+    assert "2 images without a .txt caption file" in capsys.readouterr().err
     assert dataset[0]["pixel_values"].shape == (3, RES, RES)
 
 
 def test_kohya_reads_the_first_line_of_another_caption_extension(tmp_path):
-    picture("red").save(tmp_path / "a.jpg")
-    (tmp_path / "a.caption").write_text("a red picture\nnotes kohya ignores\n")
-    (tmp_path / "plain").mkdir()
-    picture("blue").save(tmp_path / "plain" / "b.png")
-    (tmp_path / "plain" / "b.caption").write_text("a blue picture")
+    (tmp_path / "1_red").mkdir()
+    picture("red").save(tmp_path / "1_red" / "a.jpg")
+    (tmp_path / "1_red" / "a.caption").write_text("a red picture\nnotes kohya ignores\n")
+    (tmp_path / "1").mkdir()
+    picture("blue").save(tmp_path / "1" / "b.png")
+    (tmp_path / "1" / "b.caption").write_text("a blue picture")
     dataset = build_dataset(f"kohya:{tmp_path}", resolution=RES, caption_extension=".caption")
-    assert [dataset.captions_of(i) for i in range(len(dataset))] == [["a red picture"], ["a blue picture"]]
-    message = one_line_error(f"kohya:{tmp_path}")  # with .txt no image has a caption, nor a folder to fall back on
-    assert "a.jpg" in message and "--caption-extension" in message
-
-
-def test_kohya_images_outside_named_folders_get_an_empty_caption(tmp_path, capsys):
-    picture("red").save(tmp_path / "a.png")
-    (tmp_path / "a.txt").write_text("a red picture")
-    picture("blue").save(tmp_path / "b.png")
-    dataset = build_dataset(f"kohya:{tmp_path}", resolution=RES)
-    assert [dataset.captions_of(i) for i in range(len(dataset))] == [["a red picture"], [""]]
-    assert "b.png" in capsys.readouterr().err
+    assert [dataset.captions_of(i) for i in range(len(dataset))] == [["a blue picture"], ["a red picture"]]
+    (tmp_path / "1_red" / "a.jpg").unlink()
+    message = one_line_error(f"kohya:{tmp_path}")  # with .txt no image has a caption, nor a folder name to fall back on
+    assert "b.png" in message and "--caption-extension" in message
 
 
 @pytest.mark.parametrize("case, words", [
-    ("empty caption", ["a.txt", "empty"]), ("zero repeats", ["0_dog", "N >= 1"]), ("no images", ["no images"]),
+    ("empty caption", ["a.txt", "empty"]), ("zero repeats only", ["no images", "N_name"]), ("no images", ["no images"]),
     ("missing folder", ["does not exist"]),
 ])
 def test_kohya_bad_folders_are_one_line(tmp_path, case, words):
     root = tmp_path / "data"
-    (root / "0_dog" if case == "zero repeats" else root).mkdir(parents=True)
-    (root / "._resource_fork.png").write_bytes(b"macOS metadata, not an image")  # hidden files are passed over
+    (root / "0_dog" if case == "zero repeats only" else root / "1_dog").mkdir(parents=True)
+    (root / "1_dog" / "._resource_fork.png").parent.mkdir(exist_ok=True)
+    (root / "1_dog" / "._resource_fork.png").write_bytes(b"macOS metadata, not an image")  # hidden files are passed over
     if case == "empty caption":
-        picture("red").save(root / "a.png")
-        (root / "a.txt").write_text("\n")
-    elif case == "zero repeats":
-        picture("red").save(root / "0_dog" / "a.png")
+        picture("red").save(root / "1_dog" / "a.png")
+        (root / "1_dog" / "a.txt").write_text("\n")
+    elif case == "zero repeats only":
+        picture("red").save(root / "0_dog" / "a.png")  # kohya skips a folder of 0 repeats
     elif case == "missing folder":
         root = tmp_path / "absent"
     message = one_line_error(f"kohya:{root}")
