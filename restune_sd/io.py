@@ -22,27 +22,22 @@ from restune_sd.config import TuningConfig
 from restune_sd.errors import UserError
 from restune_sd.files import staging_folder
 from restune_sd.inject import attach, backbone_kind, unwrap
+from restune_sd.schema import (CHECKSUM_FIELD, FORMAT, FORMAT_1, SIGNATURE_KEYS, check_tuner_config,
+                               config_checksum)
 
-FORMAT = "restune-sd-tuner/2"
-# Format 1 (restune-sd 0.1) differs in two ways: its bypass ladder had no identity path between stages (a
-# different function of the same weights, so such tuners are refused), and its lambda-gated and bound
-# prefix/prompt tuners carried an unused scale (dropped on load).
-FORMAT_1 = "restune-sd-tuner/1"
 CONFIG_FILE = "tuner_config.json"
 WEIGHTS_FILE = "tuner.safetensors"
 # The LoRA of a plain LoRA tuner, also in diffusers' own format and file name (what `load_lora_weights(folder)` reads).
 LORA_FILE = "pytorch_lora_weights.safetensors"
 # Run directories (see `restune-sd train`) keep the final tuner in this sub-folder.
 RUN_TUNER_DIR = "tuner"
+# Far above any tuner's config (100,000 class names of 100 characters are 12 MB), far below what exhausts memory.
+MAX_CONFIG_BYTES = 32 * 2**20
 
 
 def backbone_signature(model) -> dict:
     """The shape-defining config fields a tuner depends on."""
-    kind = backbone_kind(model)
-    keys = {
-        "unet": ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim", "down_block_types", "up_block_types"),
-        "vit": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size", "image_size"),
-    }[kind]
+    keys = SIGNATURE_KEYS[backbone_kind(model)]
     config = model.config
     return {k: list(v) if isinstance(v, (list, tuple)) else v for k in keys for v in [getattr(config, k, None)]}
 
@@ -80,6 +75,8 @@ def save_tuner(model, path, extra: dict | None = None) -> Path:
         if is_plain_unet_lora(meta):
             write_diffusers_lora(state, model.restune.config.lora, staging)
         meta["weights_sha256"] = hashlib.sha256((staging / WEIGHTS_FILE).read_bytes()).hexdigest()
+        meta[CHECKSUM_FIELD] = config_checksum(meta)
+        check_tuner_config(json.loads(json.dumps(meta)), path)  # what load_tuner will accept: a wrong extra fails here
         (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if path.exists():
             path.rmdir()
@@ -128,32 +125,45 @@ def find_tuner_dir(path) -> Path:
 
 
 def read_tuner_config(path) -> dict:
+    """A tuner's config, checked whole against its schema and checksum (restune_sd.schema)."""
     config = find_tuner_dir(path) / CONFIG_FILE
+    if config.stat().st_size > MAX_CONFIG_BYTES:
+        raise UserError(f"tuner config {config} is {config.stat().st_size:,} bytes, more than any tuner's: copy the "
+                        "tuner folder again")
     try:
         meta = json.loads(config.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"tuner config {config} is damaged ({str(error).splitlines()[0]}): copy the tuner folder again") from None
-    if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, FORMAT_1):
-        raise UserError(f"{path}: unknown tuner format {meta.get('format') if isinstance(meta, dict) else meta!r} (expected {FORMAT})")
-    return meta
+    except RecursionError:
+        raise UserError(f"tuner config {config} is nested too deeply to be a tuner's: copy the tuner folder again") from None
+    return check_tuner_config(meta, config)
 
 
 def tuner_digest(path) -> str:
-    """The SHA-256 of a tuner's config and weights together: what identifies a tuner, whatever its folder's name."""
+    """The SHA-256 of a tuner's config and weights together: what identifies a tuner, whatever its folder's name. Both
+    are checked first (schema, checksums), so a command that records the digest refuses a damaged tuner before writing."""
     folder = find_tuner_dir(path)
+    meta = read_tuner_config(folder)
     digest = hashlib.sha256()
     for name in (CONFIG_FILE, WEIGHTS_FILE):
-        digest.update(hashlib.sha256((folder / name).read_bytes()).digest())
+        data = (folder / name).read_bytes()
+        if name == WEIGHTS_FILE:
+            check_weights_checksum(folder / name, data, meta)
+        digest.update(hashlib.sha256(data).digest())
     return digest.hexdigest()
+
+
+def check_weights_checksum(path: Path, data: bytes, meta: dict) -> None:
+    expected = meta.get("weights_sha256")
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise UserError(f"tuner {path} is damaged: it does not match the checksum in its {CONFIG_FILE}; copy the tuner again")
 
 
 def read_weights(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
     """The tuner's tensors, checked against the checksum in its config; a damaged file is a UserError naming it."""
     path = folder / WEIGHTS_FILE
     data = path.read_bytes()
-    expected = meta.get("weights_sha256")
-    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
-        raise UserError(f"tuner {path} is damaged: it does not match the checksum in its {CONFIG_FILE}; copy the tuner again")
+    check_weights_checksum(path, data, meta)
     try:
         state = load_safetensors(data)
     except (SafetensorError, ValueError, OSError) as error:

@@ -254,6 +254,7 @@ def as_format_1(folder, extra_weights: dict | None = None) -> None:
     meta = json.loads((folder / "tuner_config.json").read_text())
     meta["format"] = "restune-sd-tuner/1"
     meta.pop("weights_sha256", None)
+    meta.pop("config_sha256", None)
     if meta["tuning"].get("bypass"):
         meta["tuning"]["bypass"].pop("form")
     (folder / "tuner_config.json").write_text(json.dumps(meta))
