@@ -13,17 +13,38 @@ def _number(value, digits: int = 2) -> str:
     return f"{value:,.{digits}f}"
 
 
-def _ratio(row: dict, base: str, key: str) -> str:
-    value = row.get(f"ratio_to_{base}", {}).get(key)
-    return "—" if value is None else f"{value:.2f}"
+def _ratio(row: dict, reference: dict | None, key: str) -> str:
+    if not reference or row.get(key) is None or not reference.get(key):
+        return "—"
+    return f"{row[key] / reference[key]:.2f}"
 
 
-def _memory(row: dict, base: str) -> str:
+def _memory(row: dict, reference: dict | None) -> str:
     """The ratio of memory above the weights; of peak memory (marked) where the weights were not measured apart."""
     if row.get("above_weights_mb") is not None:
-        return _ratio(row, base, "above_weights_mb")
-    value = _ratio(row, base, "peak_mb")
+        return _ratio(row, reference, "above_weights_mb")
+    value = _ratio(row, reference, "peak_mb")
     return value if value == "—" else f"{value} (peak)"
+
+
+def lora_base(names: list[str]) -> str | None:
+    """What the ÷ LoRA columns divide by: `lora`, or else the first other LoRA preset that ran (e.g. `lora-r4`)."""
+    if "lora" in names:
+        return "lora"
+    return next((name for name in names if name.startswith("lora") and " " not in name), None)
+
+
+def base_notes(names: list[str], lora: str | None) -> list[str]:
+    """Why a ÷ column is divided by another LoRA, or empty."""
+    notes = []
+    if lora is None:
+        notes.append("÷ LoRA: no LoRA contender ran in this bench, so its columns are empty; add `lora` to --tuners.")
+    elif lora != "lora":
+        notes.append(f"÷ {lora}: no `lora` contender ran, so these columns divide by `{lora}`, the LoRA that did "
+                     "(the paper's ratios below are to its LoRA r=50); add `lora` to --tuners for ratios to it.")
+    if "full" not in names:
+        notes.append("÷ full: no `full` contender ran in this bench, so its columns are empty; add `full` to --tuners.")
+    return notes
 
 
 def _speed(row: dict) -> str:
@@ -39,6 +60,9 @@ def markdown(result: dict) -> str:
     sd = cfg["kind"] == "sd"
     speed_key = "sample_seconds_per_image" if sd else "images_per_second"
     memory = "CUDA max_memory_allocated" if env["gpu"] else "peak RSS (ru_maxrss) of the process"
+    by_name = {row["contender"]: row for row in rows}
+    lora = lora_base(list(by_name))
+    per_lora = f"÷ {'LoRA' if lora in (None, 'lora') else lora}"
     lines = [
         f"# restune-sd bench {cfg['kind']}: {cfg['model']}, {cfg['resolution']} px, batch {cfg['batch']}, "
         f"{cfg['precision']}, {cfg['device']}" + (f", {cfg['attention']} attention" if sd else ""), "",
@@ -54,22 +78,26 @@ def markdown(result: dict) -> str:
                                    f"Inference: images per second over {cfg['sample_steps']} batches, with the tuner "
                                    "(bare ViT).") + " \"(train CLI)\" rows run `restune-sd train` (text encoder, VAE "
         "and data included); their time is its logged seconds per step.", "",
-        "| contender | trainable params | peak MB | above weights MB | ÷ LoRA | ÷ full | frozen forward MB | "
-        "saved activations MB | s/step [min–max] | ÷ LoRA | ÷ full | "
-        + ("sampling s/image (bare)" if sd else "images/s (bare)") + " | ÷ LoRA |",
+        f"| contender | trainable params | peak MB | above weights MB | {per_lora} | ÷ full | frozen forward MB | "
+        f"saved activations MB | s/step [min–max] | {per_lora} | ÷ full | "
+        + ("sampling s/image (bare)" if sd else "images/s (bare)") + f" | {per_lora} |",
         "|---|" + "---:|" * 12,
     ]
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['contender']} | failed: {row['error']} |" + " |" * 11)
             continue
+        path = row["contender"].removeprefix(row["contender"].split(" ")[0])  # "" or " (train CLI)": one path's bases
+        to_lora, to_full = by_name.get(lora + path) if lora else None, by_name.get("full" + path)
         lines.append(
             f"| {row['contender']} | {_number(row['trainable_params'])} | {_number(row['peak_mb'], 0)} | "
-            f"{_number(row.get('above_weights_mb'), 0)} | {_memory(row, 'lora')} | {_memory(row, 'full')} | "
+            f"{_number(row.get('above_weights_mb'), 0)} | {_memory(row, to_lora)} | {_memory(row, to_full)} | "
             f"{_number(row.get('frozen_forward_mb'), 0)} | {_number(row.get('saved_activations_mb'), 1)} | {_number(row['step_seconds'])} "
             f"[{_number(row['step_seconds_min'])}–{_number(row['step_seconds_max'])}] | "
-            f"{_ratio(row, 'lora', 'step_seconds')} | {_ratio(row, 'full', 'step_seconds')} | {_speed(row)} | "
-            f"{_ratio(row, 'lora', speed_key)} |")
+            f"{_ratio(row, to_lora, 'step_seconds')} | {_ratio(row, to_full, 'step_seconds')} | {_speed(row)} | "
+            f"{_ratio(row, to_lora, speed_key)} |")
+    notes = base_notes(list(by_name), lora)
+    lines += ["", *(f"{note}  " for note in notes[:-1]), *notes[-1:]] if notes else []
     lines += ["", f"Beside them, {PAPER_SOURCE}:", "", "| tuner | train memory GB | ÷ LoRA | ÷ full | h/epoch | ÷ LoRA | ÷ full |",
               "|---|" + "---:|" * 6]
     for name, figures in paper_rows(result).items():

@@ -109,3 +109,31 @@ def test_bad_input_is_one_line_before_anything_runs(args, phrase, tmp_path):
 def test_a_model_of_the_other_kind_is_refused(tiny, tmp_path):
     ran = runner.invoke(app, ["bench", "sd", "--model", str(tiny["vit"]), "--output", str(tmp_path / "out")])
     assert ran.exit_code == 2 and "not a Stable Diffusion model folder" in ran.stderr, ran.output
+
+
+
+@pytest.fixture(scope="module")
+def lora_r4_bench(tiny, tmp_path_factory):
+    """A bench with `lora-r4` but no `lora`: its results and its results.md."""
+    output = tmp_path_factory.mktemp("bench") / "r4"
+    return bench("sd", tiny["sd"], output, "--tuners", "lora-r4,bypass"), (output / "results.md").read_text()
+
+
+def test_without_lora_the_lora_columns_divide_by_the_lora_that_ran_and_say_so(lora_r4_bench):
+    result, table = lora_r4_bench
+    rows = {row["contender"]: row for row in result["rows"]}
+    header = next(line for line in table.splitlines() if line.startswith("| contender |"))
+    assert header.count("÷ lora-r4") == 3 and "÷ LoRA" not in header
+    cells = next(line for line in table.splitlines() if line.startswith("| bypass |")).split(" | ")
+    memory = rows["bypass"]["above_weights_mb"] / rows["lora-r4"]["above_weights_mb"]
+    step = rows["bypass"]["step_seconds"] / rows["lora-r4"]["step_seconds"]
+    assert cells[4] == f"{memory:.2f}" and cells[9] == f"{step:.2f}", cells
+    assert "÷ lora-r4: no `lora` contender ran" in table and "÷ full: no `full` contender ran" in table
+
+
+def test_with_no_lora_at_all_the_table_says_why_its_column_is_empty(lora_r4_bench):
+    from restune_sd.evaluation.bench_report import markdown
+
+    result, _ = lora_r4_bench
+    table = markdown({**result, "rows": [row for row in result["rows"] if row["contender"] == "bypass"]})
+    assert "| — | — |" in table and "÷ LoRA: no LoRA contender ran in this bench" in table and "--tuners" in table
