@@ -12,7 +12,7 @@ import restune_sd.train as training
 from restune_sd.datasets import build_dataset, make_synthetic
 from restune_sd.datasets.buckets import Buckets, bucket_sizes
 from restune_sd.errors import UserError
-from restune_sd.loop import BucketStream, SampleStream, StepBatches, sample_stream
+from restune_sd.streams import BucketStream, SampleStream, StepBatches, sample_stream
 from restune_sd.train import TrainConfig, train
 
 RES = 64

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from conftest import RunsCode
 from restune_sd.cli.main import app
 from restune_sd.datasets import make_synthetic
+from restune_sd.runfolder import checksum_path, sha256_file
 from restune_sd.train import TrainConfig, train
 
 runner = CliRunner()
@@ -40,12 +41,18 @@ def finished_run(tiny, data, run, **settings):
     return Path(run)
 
 
+def reseal(checkpoint: Path) -> None:
+    """Give an altered checkpoint a matching checksum, as an attacker who edits both files would."""
+    checksum_path(checkpoint).write_text(sha256_file(checkpoint) + "\n")
+
+
 def test_a_checkpoint_that_would_run_code_is_never_loaded(tiny, data, tmp_path):
     run = finished_run(tiny, data, tmp_path / "run")
     marker, proof = tmp_path / "marker", tmp_path / "proof"
     newest = run / "checkpoints" / "step-00000002.pt"
     state = torch.load(newest, weights_only=True)
     torch.save({**state, "payload": RunsCode(marker)}, newest)
+    reseal(newest)
     hostile = tmp_path / "hostile.pt"
     torch.save({**state, "payload": RunsCode(proof)}, hostile)
     torch.load(hostile, weights_only=False)
@@ -56,6 +63,7 @@ def test_a_checkpoint_that_would_run_code_is_never_loaded(tiny, data, tmp_path):
     assert "could run code" in result.stderr and "resuming from step-00000001.pt" in result.stderr
     assert not marker.exists()
     torch.save({**state, "payload": RunsCode(marker)}, newest)  # the resumed run rewrote it: make it hostile again
+    reseal(newest)
     message = one_error_line(cli(tiny, data, run, "--max-steps", "4", "--resume", str(newest)))
     assert "could run code" in message and not marker.exists()
 
@@ -112,15 +120,28 @@ def test_a_checkpoint_that_cannot_be_written_leaves_no_partial_file(tiny, data, 
     monkeypatch.setattr(torch, "save", disk_fills_up)
     message = one_error_line(cli(tiny, data, tmp_path / "run", "--max-steps", "3", "--checkpoint-every", "1"))
     assert "disk is probably full" in message and "step-00000001.pt" in message and "--resume latest" in message
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000001-tuner", "step-00000001.pt"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000001-tuner", "step-00000001.pt",
+                                                                             "step-00000001.pt.sha256"]
     monkeypatch.setattr(torch, "save", real_save)
     assert cli(tiny, data, tmp_path / "run", "--max-steps", "3", "--resume", "latest").exit_code == 0
 
 
-def test_a_run_that_failed_before_its_first_checkpoint_can_be_retried(tiny, data, tmp_path):
+def test_a_run_that_failed_before_its_first_checkpoint_can_be_retried(tiny, data, tmp_path, monkeypatch):
     run = tmp_path / "run"
+    real_step = torch.optim.AdamW.step
+
+    def diverging_step(self, *args, **kwargs):  # the first update leaves NaN weights: the next loss is NaN
+        out = real_step(self, *args, **kwargs)
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", diverging_step)
     failed = runner.invoke(app, ["train", "--model", tiny, "--data", data, "--output", str(run), "--tuner", "full",
-                                 "--learning-rate", "1e12", "--max-grad-norm", "0", "--max-steps", "5", "--checkpoint-every", "4"])
+                                 "--max-steps", "5", "--checkpoint-every", "4"])
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     assert failed.exit_code == 2 and (run / "config.json").is_file()
     retry = cli(tiny, data, run, "--max-steps", "2")
     assert retry.exit_code == 0, retry.output

@@ -15,7 +15,8 @@ import restune_sd.train as training
 from restune_sd.cli.main import app
 from restune_sd.datasets import build_dataset, make_synthetic
 from restune_sd.errors import UserError
-from restune_sd.loop import LR_SCHEDULES, SampleStream, lr_schedule
+from restune_sd.runconfig import LR_SCHEDULES, lr_schedule
+from restune_sd.streams import SampleStream
 from restune_sd.train import Encoders, TrainConfig, diffusion_loss, load_components, train
 
 runner = CliRunner()
