@@ -42,7 +42,7 @@ DEFAULT_TUNERS = {"sd": ["full", "lora", "adapter", "prefix", "prompt", "res-tun
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RESULT_FILES = ("results.json", "results.md", "chart.png")
 CLI_SUFFIX = " (train CLI)"
-# METHOD.md section 3: training memory (GB) and hours per epoch of the paper's rows (SD v1.5 on COCO2017; ViT-B/16).
+# docs/method.md §3: training memory (GB) and hours per epoch of the paper's rows (SD v1.5 on COCO2017; ViT-B/16).
 PAPER = {
     "sd": {"memory_gb": {"full": 72.77, "lora": 61.03, "adapter": 54.30, "prefix": 64.91, "prompt": 63.70,
                          "res-tuning": 54.49, "bypass": 21.35},

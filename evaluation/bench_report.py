@@ -2,7 +2,7 @@
 
 import math
 
-PAPER_SOURCE = "the paper's rows (METHOD.md section 3: SD v1.5 on COCO2017 at 512 px, ViT-B/16 on VTAB-1K; GPU)"
+PAPER_SOURCE = "the paper's rows (docs/method.md §3: SD v1.5 on COCO2017 at 512 px, ViT-B/16 on VTAB-1K; GPU)"
 
 
 def _number(value, digits: int = 2) -> str:

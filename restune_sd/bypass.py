@@ -1,4 +1,4 @@
-"""Res-Tuning-Bypass: a ladder of Res-Adapters beside a backbone that runs without autograd (METHOD.md §2).
+"""Res-Tuning-Bypass: a ladder of Res-Adapters beside a backbone that runs without autograd (docs/method.md §2).
 
 `x_l` are the frozen stem features (computed under no_grad, so detached), `x_0` the root, `h_l`/`v_l` the
 horizontal/vertical Res-Adapters (zero-initialised up-projections), `up` nearest upsampling and `P_l` a 1x1

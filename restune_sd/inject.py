@@ -104,7 +104,7 @@ def _add_adapters(kind: str, block: nn.Module, spec: TunerSpec, width: int):
 
 def _add_tokens(kind: str, model, block_name: str, block: nn.Module, spec: TunerSpec):
     bound = spec.kind in ("prefix", "prompt")
-    # A bound original is the exact softmax split over [tuner; frozen] keys (METHOD.md §1): no free scale.
+    # A bound original is the exact softmax split over [tuner; frozen] keys (docs/method.md §1): no free scale.
     gate = "lambda" if bound else spec.gate
     for attn_name, attn in _attention_layers(kind, block, spec.site):
         to_k = attn.k_proj if kind == "vit" else attn.to_k

@@ -1,6 +1,6 @@
 """The tuners themselves: plain nn.Modules that read a frozen operation's input and return a branch to add.
 
-Res-Adapter, Res-Prefix and Res-Prompt follow METHOD.md §1 (`out = OP(x) + sum_k ResTuner_k(x)`);
+Res-Adapter, Res-Prefix and Res-Prompt follow docs/method.md §1 (`out = OP(x) + sum_k ResTuner_k(x)`);
 the bound originals reuse the same parameter containers with the original wiring.
 """
 
@@ -58,7 +58,7 @@ class ResAdapter(nn.Module):
         super().__init__()
         self.down = GroupedLinear(channels, bottleneck, groups)
         self.up = GroupedLinear(bottleneck, channels, groups, bias=False)
-        self.bias = nn.Parameter(torch.zeros(channels))  # b_up, outside the scale as in METHOD.md §1
+        self.bias = nn.Parameter(torch.zeros(channels))  # b_up, outside the scale as in docs/method.md §1
         self.act = nn.GELU()
         self.scale = nn.Parameter(torch.tensor(float(scale)))
         nn.init.zeros_(self.up.weight)
@@ -161,7 +161,7 @@ def mix_unbound(q, main_k, main_v, main_out, tokens, to_k, to_v, heads, mask=Non
     """Frozen attention output plus every Res-Prefix/Res-Prompt branch, in (B, heads, N, dh).
 
     Free-scale tuners add `s * Attn(Q, K_b, V_b)` to the untouched frozen output. Tuners with gate="lambda"
-    use the exact softmax split of METHOD.md §1, so together they reproduce the bound (concatenated) original:
+    use the exact softmax split of docs/method.md §1, so together they reproduce the bound (concatenated) original:
     `w_0 Attn(Q,K,V) + sum_b w_b Attn(Q,K_b,V_b)` with `w_i = exp(lse_i) / sum_j exp(lse_j)`.
     """
     free = [t for t in tokens if t.gate == "scale"]

@@ -212,7 +212,7 @@ def test_yaml_config_combines_tuners_in_chosen_blocks(tmp_path):
     assert model.restune.config.name == "combo"
 
 
-# The paper's budgets (METHOD.md §3) on the real architectures with random weights, built on the meta device.
+# The paper's budgets (docs/method.md §3) on the real architectures with random weights, built on the meta device.
 # `target` is the paper's row as it counts it: the ViT rows of VTAB-1K include the head, 38,050 parameters on
 # average over its 19 tasks (768 features x 49.5 classes + biases), so `with_head` adds that average.
 VTAB_MEAN_HEAD = 38_050

@@ -36,7 +36,7 @@ def test_info_with_a_config_file(tmp_path):
     config = tmp_path / "mine.json"
     config.write_text(json.dumps({"tuners": [{"kind": "res-adapter", "site": "ffn", "dim": 101}]}))
     result = runner.invoke(app, ["info", "--model", "sd15", "--config", str(config), "--json"])
-    assert json.loads(result.output)["tuner_params"] == 2_535_056 + 16  # METHOD.md's 2.535M, plus 16 scales
+    assert json.loads(result.output)["tuner_params"] == 2_535_056 + 16  # docs/method.md §3: 2.54M, plus 16 scales
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
