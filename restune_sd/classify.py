@@ -1,7 +1,7 @@
 """Tuning a frozen ViT classifier on labelled images: `classify(cfg) -> results` on the shared training scaffold,
 top-1 evaluation of the final model, and the VTAB-1K table (tasks, group means, mean of group means).
 
-Defaults follow the VTAB-1K protocol of METHOD.md §3: 224 px direct resize, AdamW lr 1e-3, wd 1e-4, cosine with 10
+Defaults follow the VTAB-1K protocol of docs/method.md §4: 224 px direct resize, AdamW lr 1e-3, wd 1e-4, cosine with 10
 warm-up epochs, 100 epochs, batch 64. Normalisation comes from the model's own preprocessor config.
 """
 
