@@ -5,10 +5,12 @@ on the `meta` device it costs no memory, which is how `restune-sd info` counts p
 """
 
 import json
+import reprlib
 from pathlib import Path
 
 import torch
 
+from restune_sd.bounds import MAX_RESOLUTION
 from restune_sd.errors import UserError
 
 SD15_UNET = dict(
@@ -20,13 +22,8 @@ SD15_UNET = dict(
 VIT_B16 = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                image_size=224, patch_size=16, num_labels=100)
 ARCHITECTURES = ("sd15", "vit-b16")
-# The parts of a diffusers SD pipeline folder that `train` and `sample` load, and the files each must hold
-# (a tuple: any one of them; "*" patterns: any matching file).
-WEIGHTS = ("*.safetensors", "*.bin")
-PIPELINE_PARTS = {
-    "unet": ("config.json", WEIGHTS), "vae": ("config.json", WEIGHTS), "text_encoder": ("config.json", WEIGHTS),
-    "tokenizer": ("vocab.json", "merges.txt"), "scheduler": ("scheduler_config.json",),
-}
+# The parts of a diffusers SD pipeline folder that `train` and `sample` load; the libraries decide what each needs.
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # Single-file checkpoints (as A1111 and ComfyUI users have them): every weight of an SD v1.x pipeline in one file.
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # Whose configs diffusers builds an SD v1.x single file with when it is given none (from the cache, or downloaded).
@@ -60,7 +57,7 @@ def model_kind(path) -> str:
         return "sd"
     config = path / "config.json"
     if config.is_file():
-        data = json.loads(config.read_text())
+        data = read_model_json(config)
         if data.get("_class_name") == "UNet2DConditionModel":
             return "unet"
         if data.get("model_type") == "vit":
@@ -73,14 +70,87 @@ def looks_local(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
-def missing_part(folder: Path, weights: bool = True) -> str | None:
-    """The first part of an SD pipeline folder that is missing (e.g. 'unet/config.json'), or None."""
-    for part, needs in PIPELINE_PARTS.items():
-        for need in needs:
-            options = need if isinstance(need, tuple) else (need,)
-            if (weights or need != WEIGHTS) and not any(next((folder / part).glob(option), None) for option in options):
-                return f"{part}/{options[0]}"
-    return None
+def read_model_json(path: Path) -> dict:
+    """A model folder's JSON file as a mapping; a damaged one is one line naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise UserError(f"{path} is damaged ({reason(error)}): copy the model folder again") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a {type(data).__name__}, not a mapping: copy the model folder again")
+    return data
+
+
+def reason(error: BaseException) -> str:
+    """An exception's message on one short line."""
+    return " ".join(str(error).split())[:300] or type(error).__name__
+
+
+def check_weights(folder: Path) -> None:
+    """That the weights in `folder` can be read: each .safetensors file's header and size (not its data), or else each
+    pickled .bin through torch's weights-only loader (memory-mapped, so its data is not read either)."""
+    found = sorted(folder.glob("*.safetensors"))
+    if not found:
+        found = sorted(folder.glob("*.bin"))
+        if not found:
+            raise UserError(f"{folder} holds no weights (no .safetensors or .bin file): copy it again")
+    for path in found:
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(path), "pt"):
+                    pass
+            else:
+                torch.load(path, map_location="meta", weights_only=True, mmap=True)
+        except Exception as error:  # safetensors, zipfile and the weights-only unpickler raise many types
+            fix = "copy it again" if path.suffix == ".safetensors" else (
+                "a .bin is read with weights_only=True, which refuses objects other than tensors: use a .safetensors copy")
+            raise UserError(f"{path} cannot be read ({reason(error)}): {fix}") from None
+
+
+def require_sizes(path: Path, config: dict, keys: tuple[str, ...], maximum: int = 2**20) -> None:
+    """Config fields that size a model: whole numbers from 1 to `maximum` (lists of them for block widths)."""
+    for key in keys:
+        value = config.get(key)
+        values = value if isinstance(value, list) and value else [value]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= maximum for v in values):
+            raise UserError(f"{path}: {key} must be a whole number from 1 to {maximum}, not {reprlib.repr(value)}: "
+                            "copy the model folder again")
+
+
+def part_loaders() -> dict:
+    """How `train` and `sample` read each pipeline part, without its weights: the libraries' own config and tokenizer
+    loaders, so whatever files they accept (tokenizer.json alone, vocab.json and merges.txt) are accepted here."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTokenizer
+
+    return {"unet": UNet2DConditionModel.load_config, "vae": AutoencoderKL.load_config,
+            "text_encoder": CLIPTextConfig.from_pretrained, "tokenizer": CLIPTokenizer.from_pretrained,
+            "scheduler": DDPMScheduler.load_config}
+
+
+def check_pipeline_parts(folder: Path, weights: bool = True, what: str = "the pipeline folder") -> None:
+    """Each part of the SD pipeline at `folder` loads through its library (weights: their headers); the first that does
+    not is a UserError naming it and why."""
+    read_model_json(folder / "model_index.json")
+    for part, load in part_loaders().items():
+        if not (folder / part).is_dir():
+            raise UserError(f"{what} {folder} is incomplete: {part}/ is missing; copy its {part}/ folder again")
+        try:
+            loaded = load(folder / part)
+        except Exception as error:  # the libraries raise OSError, ValueError, KeyError, JSON errors, ...
+            raise UserError(f"{what} {folder}: its {part}/ cannot be loaded ({reason(error)}): copy its {part}/ "
+                            "folder again") from None
+        if part == "unet":
+            require_sizes(folder / "unet" / "config.json", loaded, ("sample_size", "block_out_channels"), 4096)
+        if part == "vae":
+            require_sizes(folder / "vae" / "config.json", loaded, ("block_out_channels",), 4096)
+            if len(loaded["block_out_channels"]) > 8:
+                raise UserError(f"{folder / 'vae' / 'config.json'}: more block_out_channels than any VAE has: copy "
+                                "the vae/ folder again")
+        if weights and part in ("unet", "vae", "text_encoder"):
+            check_weights(folder / part)
 
 
 def check_pipeline(model: str, config: str | None = None) -> None:
@@ -101,10 +171,7 @@ def check_pipeline(model: str, config: str | None = None) -> None:
         return
     if model_kind(path) != "sd":
         raise UserError(f"{model} is not a diffusers Stable Diffusion pipeline folder (it has no model_index.json)")
-    part = missing_part(path)
-    if part:
-        raise UserError(f"the pipeline folder {model} is incomplete: {part} is missing; copy its {part.split('/')[0]}/ "
-                        "folder again")
+    check_pipeline_parts(path)
 
 
 def check_model_config(config: str | None) -> None:
@@ -118,9 +185,36 @@ def check_model_config(config: str | None) -> None:
         return  # a hub id: diffusers fetches its configs where the machine is online
     if not (path / "model_index.json").is_file():
         raise UserError(f"--model-config {config} is not a diffusers pipeline folder (no model_index.json): pass {CONFIG_HELP}")
-    part = missing_part(path, weights=False)
-    if part:
-        raise UserError(f"--model-config {config} is incomplete: {part} is missing")
+    check_pipeline_parts(path, weights=False, what="--model-config")
+
+
+def check_vit_folder(model: str) -> None:
+    """A local ViT folder's config.json (through transformers), preprocessor_config.json and weights can be used; the
+    first that cannot is a UserError naming it. Hub ids and `vit-b16` are left to transformers."""
+    from transformers import ViTConfig
+
+    path = Path(model)
+    if not path.is_dir():
+        return
+    config = path / "config.json"
+    read_model_json(config)
+    try:
+        loaded = ViTConfig.from_pretrained(path).to_dict()
+    except Exception as error:  # transformers raises OSError, ValueError, TypeError, ... for a config it cannot use
+        raise UserError(f"{config} cannot be loaded ({reason(error)}): copy the model folder again") from None
+    require_sizes(config, loaded, ("image_size",), MAX_RESOLUTION)
+    require_sizes(config, loaded, ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                   "intermediate_size"), 65536)
+    preprocessor = path / "preprocessor_config.json"
+    if preprocessor.is_file():
+        data = read_model_json(preprocessor)
+        for key, low in (("image_mean", -10), ("image_std", 1e-4)):
+            value = data.get(key, [0.5] * 3)
+            if not (isinstance(value, list) and len(value) == 3 and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= 10 for v in value)):
+                raise UserError(f"{preprocessor}: {key} must be three numbers from {low} to 10, not "
+                                f"{reprlib.repr(value)}: copy the model folder again")
+    check_weights(path)
 
 
 def native_resolution(unet_config, vae_config) -> int:
@@ -221,6 +315,7 @@ def load_vit(model: str, device: str = "cpu", num_labels: int | None = None):
     kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels else {}
     if Path(model).exists() and model_kind(model) != "vit":
         raise UserError(f"{model} is a Stable Diffusion model, not a ViT classifier")
+    check_vit_folder(model)
     try:
         return ViTForImageClassification.from_pretrained(model, **kwargs).to(device)
     except OSError as error:

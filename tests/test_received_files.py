@@ -9,8 +9,9 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import one_error_line, perturb, tiny_unet
-from diffusers import UNet2DConditionModel
+import torch
+from conftest import RunsCode, one_error_line, perturb, tiny_unet
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -179,3 +180,107 @@ def test_an_untouched_classifier_scores(classifier):
     vit, data, run = classifier
     result = runner.invoke(app, ["classify", "eval", "--model", vit, "--tuner", str(run), "--data", data, "--split", "train"])
     assert result.exit_code == 0, result.output
+
+
+# --- model folders: what the libraries cannot load is one line naming the part ---------------------------------------
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def drop_key(key):
+    def edit(path):
+        config = json.loads(path.read_text())
+        del config[key]
+        path.write_text(json.dumps(config))
+    return edit
+
+
+def pickled_bin_only(name):
+    """Replace a part's safetensors weights with a pickle that would write a file if it were unpickled unsafely."""
+    def edit(path):
+        marker = path.parent / "code-ran"
+        torch.save({"weight": RunsCode(marker)}, path.with_name(name))
+        path.unlink()
+    return edit
+
+
+PIPELINE_DAMAGES = {
+    "a truncated unet config": ("unet/config.json", truncate, "unet"),
+    "a truncated vae config": ("vae/config.json", truncate, "vae"),
+    "a truncated model_index.json": ("model_index.json", truncate, "model_index.json"),
+    "no sample_size": ("unet/config.json", drop_key("sample_size"), "sample_size"),
+    "a truncated text encoder": ("text_encoder/model.safetensors", truncate, "text_encoder"),
+    "a truncated unet": ("unet/diffusion_pytorch_model.safetensors", truncate, "unet"),
+    "only a pickled .bin": ("text_encoder/model.safetensors", pickled_bin_only("pytorch_model.bin"), "text_encoder"),
+    "a truncated tokenizer": ("tokenizer/tokenizer.json", truncate, "tokenizer"),
+}
+
+
+@pytest.mark.parametrize("command", ["train", "sample"])
+@pytest.mark.parametrize("case", PIPELINE_DAMAGES)
+def test_a_damaged_pipeline_folder_is_one_line(tiny, data, tmp_path, command, case):
+    name, damage, part = PIPELINE_DAMAGES[case]
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    if case == "a truncated tokenizer":  # the files an older library wrote beside tokenizer.json would still load
+        for older in ("vocab.json", "merges.txt"):
+            (model / "tokenizer" / older).unlink()
+    damage(model / name)
+    out = tmp_path / "out"
+    args = {"train": ["train", "--model", str(model), "--data", data, "--output", str(out), "--max-steps", "1",
+                      "--report-to", "none"],
+            "sample": ["sample", "--model", str(model), "--out", str(out), "--prompt", "x", "--steps", "1"]}[command]
+    message = one_error_line(args)
+    assert part in message and str(model) in message
+    assert not out.exists() and not list(model.rglob("code-ran"))
+
+
+VIT_DAMAGES = {
+    "a truncated config": ("config.json", truncate, "config.json"),
+    "a truncated preprocessor config": ("preprocessor_config.json", truncate, "preprocessor_config.json"),
+    "a preprocessor config with a zero std": ("preprocessor_config.json",
+                                              lambda path: path.write_text('{"image_std": [0, 0, 0]}'), "image_std"),
+    "a huge image size": ("config.json", lambda path: path.write_text(json.dumps(
+        {**json.loads(path.read_text()), "image_size": 60000})), "image_size"),
+    "a truncated model": ("model.safetensors", truncate, "model.safetensors"),
+    "only a pickled .bin": ("model.safetensors", pickled_bin_only("pytorch_model.bin"), "pytorch_model.bin"),
+}
+
+
+@pytest.mark.parametrize("case", VIT_DAMAGES)
+def test_a_damaged_vit_folder_is_one_line(classifier, tmp_path, case):
+    vit, data, run = classifier
+    name, damage, expected = VIT_DAMAGES[case]
+    model = tmp_path / "vit"
+    shutil.copytree(vit, model)
+    damage(model / name)
+    out = tmp_path / "out"
+    message = one_error_line(["classify", "train", "--model", str(model), "--data", data, "--output", str(out),
+                              "--tuner", "linear", "--max-steps", "1", "--report-to", "none"])
+    assert expected in message and str(model) in message
+    assert not out.exists() and not list(model.rglob("code-ran"))
+    assert expected in one_error_line(["classify", "eval", "--model", str(model), "--tuner", str(run), "--data", data])
+
+
+@pytest.fixture(scope="module")
+def resaved(tiny, tmp_path_factory):
+    """The tiny pipeline as the installed diffusers and transformers save it, with no vocab.json (newer transformers
+    write only tokenizer.json)."""
+    folder = tmp_path_factory.mktemp("resaved") / "pipeline"
+    StableDiffusionPipeline.from_pretrained(tiny, safety_checker=None).save_pretrained(folder)
+    for older in ("vocab.json", "merges.txt"):
+        (folder / "tokenizer" / older).unlink(missing_ok=True)
+    return folder
+
+
+def test_a_pipeline_saved_by_the_installed_libraries_trains_and_samples(resaved, data, tmp_path):
+    assert not (resaved / "tokenizer" / "vocab.json").exists()
+    result = runner.invoke(app, ["train", "--model", str(resaved), "--data", data, "--output", str(tmp_path / "run"),
+                                 "--tuner", "lora-r4", "--max-steps", "1", "--report-to", "none"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["sample", "--model", str(resaved), "--tuner", str(tmp_path / "run"), "--out",
+                                 str(tmp_path / "images"), "--prompt", "a red square", "--steps", "1"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "images" / "00000.png").is_file()
