@@ -90,9 +90,11 @@ def evaluate(
     seed: Seed = 0,
     mixed_precision: MixedPrecision = "no",
 ):
-    """Top-1 of a trained tuner on a split; or, with --vtab-all, train every VTAB-1K task and write the paper's table."""
-    from restune_sd.classify import ClassifyConfig, score_tuner, vtab_all as train_vtab_all
+    """Top-1 of a trained tuner on a split of data of the same classes; or, with --vtab-all, train every VTAB-1K task
+    and write the paper's table (a task OUTPUT already holds is reused only if trained with these settings)."""
+    from restune_sd.classify import ClassifyConfig, score_tuner
     from restune_sd.errors import UserError
+    from restune_sd.vtab import vtab_all as train_vtab_all
 
     if vtab_all is not None:
         if output is None:

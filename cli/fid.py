@@ -17,8 +17,8 @@ def fid(
     kid: Annotated[bool, typer.Option("--kid", help="also compute KID (100 subsets of min(1000, n) images)")] = False,
     save_stats: Annotated[Path | None, typer.Option(help="write the reference's statistics to this new .npz, to reuse as REFERENCE (with --kid it keeps the features KID needs)")] = None,
     inception_weights: Annotated[Path | None, typer.Option(help="local copy of pt_inception-2015-12-05-6726825d.pth (default: torch-fidelity downloads it)")] = None,
-    batch_size: Annotated[int, typer.Option(help="images per Inception batch")] = 50,
-    device: Annotated[str | None, typer.Option(help="torch device (default: cuda if available, else cpu)")] = None,
+    batch_size: Annotated[int, typer.Option(help="images per Inception batch (1 to 1024)")] = 50,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")] = None,
     resolution: Annotated[int | None, typer.Option(help="size reference images are brought to (default: the generated images' size)")] = None,
     resize: Annotated[str, typer.Option(help="how images reach Inception's 299x299: legacy-tensorflow (bilinear inside the network, as torch-fidelity and the original TF FID) or clean (PIL bicubic first, as clean-fid)")] = "legacy-tensorflow",
 ):
@@ -31,7 +31,8 @@ def fid(
     - to 299x299: legacy-tensorflow lets Inception resize both sides (bilinear, no antialiasing, TF1-exact as in
       torch-fidelity; pytorch-fid uses torch's bilinear); clean resizes with PIL bicubic first, as clean-fid does.
     - COCO2017 val has 5,000 images, so FID against coco:ROOT is FID-5k unless captions repeat.
-    - a pytorch-fid .npz holds no image count; it shows as unknown.
+    - a pytorch-fid .npz holds no image count; it shows as unknown. Statistics written by --save-stats record the
+      image size and resize mode they were made with, and are refused at another.
     """
     from restune_sd.evaluation.fid import StatisticsNotSaved, compute_fid
 

@@ -1,5 +1,6 @@
-"""The base of the training datasets: image files decoded on demand, a corrupt one skipped (replaced by the next good
-index) and counted, and per-item random draws that are a pure function of (seed, epoch, index)."""
+"""The base of the training datasets: image files decoded on demand (upright, as their EXIF tag says), a corrupt one
+skipped (replaced by the next good index) and counted, and per-item random draws that are a pure function of (seed,
+epoch, index)."""
 
 import random
 import warnings
@@ -8,7 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from restune_sd.datasets.transforms import to_rgb
+from restune_sd.datasets.transforms import to_rgb, upright, upright_size
 from restune_sd.errors import UserError
 
 # The errors PIL raises for a truncated, garbage or oversized file (UnidentifiedImageError is an OSError).
@@ -21,12 +22,18 @@ def open_image(source) -> Image.Image:
 
 
 def image_size(source) -> tuple[int, int] | None:
-    """(width, height) from the image's header alone; None when it cannot be read."""
+    """(width, height) of the upright image from its header alone; None when it cannot be read."""
     try:
         with open_image(source) as image:
-            return image.size
+            return upright_size(image)
     except DECODE_ERRORS:
         return None
+
+
+def decode_rgb(source) -> Image.Image:
+    """The image decoded upright (turned as its EXIF Orientation tag says) as 8-bit RGB; raises DECODE_ERRORS."""
+    with open_image(source) as image:
+        return to_rgb(upright(image))
 
 
 def item_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -75,8 +82,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def _decode(self, index: int) -> Image.Image | None:
         path = self.paths[index]
         try:
-            with open_image(path) as image:
-                return to_rgb(image)
+            return decode_rgb(path)
         except DECODE_ERRORS as error:
             self._corrupt_indices.add(index)
             self.num_corrupt += 1

@@ -1,14 +1,31 @@
-"""Image transforms shared by training data and FID: resize the shorter side, crop a square, map to [-1, 1]."""
+"""Image transforms shared by training data, classify and FID: turn upright by the EXIF tag, resize the shorter side,
+crop a square, map to [-1, 1]."""
 
 import random
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from restune_sd.errors import UserError
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations whose upright picture is the stored one turned on its side
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: turned and mirrored as its EXIF Orientation tag says (phones store
+    portrait photos sideways with such a tag). Decodes the image."""
+    ImageOps.exif_transpose(image, in_place=True)
+    return image
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of `upright(image)` from the file's header, without decoding the pixels."""
+    # The base class's getexif reads the EXIF met in the header; PNG's own override decodes the whole image first.
+    # (A PNG whose eXIf chunk follows its pixel data, which is rare, is sized as stored.)
+    orientation = Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1)
+    return (image.height, image.width) if orientation in QUARTER_TURNS else image.size
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

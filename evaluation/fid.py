@@ -16,7 +16,6 @@ How images reach Inception's 299x299 input, against the tools whose figures get 
 """
 
 import io
-import json
 import math
 import os
 import pickle
@@ -27,21 +26,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from restune_sd.datasets.transforms import resize_center_crop, to_rgb
 from restune_sd.bounds import MAX_RESOLUTION, require_number
 from restune_sd.errors import UserError
+from restune_sd.evaluation.fid_inputs import (
+    first_line as _first_line, image_paths, image_sizes, load_image, require_batch_size, require_device,
+)
 from restune_sd.files import write_reason
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 EXTRACTOR_NAME, FEATURE = "inception-v3-compat", "2048"
 FEATURE_DIM = 2048
 KID_SUBSET_SIZE = 1000
 RESIZE_MODES = ("legacy-tensorflow", "clean")
-INCEPTION_SIZE = 299
 ONE_OF_STATISTICS = "a .npz of Inception pool statistics (pytorch-fid's mu and sigma, or one written by --save-stats)"
 
 
@@ -49,7 +47,8 @@ ONE_OF_STATISTICS = "a .npz of Inception pool statistics (pytorch-fid's mu and s
 class Statistics:
     """What FID needs from one image set; `features` ([n, 2048] float32) only when KID needs them too.
 
-    `num_images` and `resize` are None for a file that does not record them (pytorch-fid's holds mu and sigma alone).
+    `num_images`, `resize` and `resolution` (the side the images were brought to) are None for a file that does not
+    record them (pytorch-fid's holds mu and sigma alone; ours from before the size was recorded lack `resolution`).
     """
 
     mu: np.ndarray
@@ -57,12 +56,14 @@ class Statistics:
     num_images: int | None
     features: np.ndarray | None = None
     resize: str | None = None
+    resolution: int | None = None
 
     @classmethod
-    def from_features(cls, features: np.ndarray, keep_features: bool = False, resize: str | None = None) -> "Statistics":
+    def from_features(cls, features: np.ndarray, keep_features: bool = False, resize: str | None = None,
+                      resolution: int | None = None) -> "Statistics":
         features64 = features.astype(np.float64)
         return cls(mu=features64.mean(axis=0), sigma=np.cov(features64, rowvar=False), num_images=len(features),
-                   features=features if keep_features else None, resize=resize)
+                   features=features if keep_features else None, resize=resize, resolution=resolution)
 
 
 class StatisticsNotSaved(UserError):
@@ -77,7 +78,8 @@ def save_statistics(path, stats: Statistics) -> Path:
     """Write `stats` to a new .npz file (an existing file is never overwritten, a failed write leaves no file)."""
     path = new_statistics_path(path)
     arrays = dict(mu=stats.mu, sigma=stats.sigma)
-    optional = dict(num_images=stats.num_images, features=stats.features, resize=stats.resize)
+    optional = dict(num_images=stats.num_images, features=stats.features, resize=stats.resize,
+                    resolution=stats.resolution)
     arrays.update({key: np.asarray(value) for key, value in optional.items() if value is not None})
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -113,6 +115,7 @@ def load_statistics(path) -> Statistics:
         mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
         num_images = int(arrays["num_images"]) if "num_images" in arrays else None
         resize = str(arrays["resize"]) if "resize" in arrays else None
+        resolution = int(arrays["resolution"]) if "resolution" in arrays else None
     except KeyError as error:
         raise UserError(f"statistics file {path} has no {error.args[0]} array; give {ONE_OF_STATISTICS}") from None
     except (OSError, ValueError, TypeError, zipfile.BadZipFile) as error:
@@ -123,7 +126,7 @@ def load_statistics(path) -> Statistics:
         raise UserError(f"statistics file {path} holds mu of shape {mu.shape} and sigma of shape {sigma.shape}, not "
                         f"the ({FEATURE_DIM},) and ({FEATURE_DIM}, {FEATURE_DIM}) of Inception's pool features (or "
                         "its features are not n x 2048); recompute them with `restune-sd fid ... --save-stats FILE.npz`")
-    return Statistics(mu=mu, sigma=sigma, num_images=num_images, features=features, resize=resize)
+    return Statistics(mu=mu, sigma=sigma, num_images=num_images, features=features, resize=resize, resolution=resolution)
 
 
 def frechet_distance(a: Statistics, b: Statistics) -> float:
@@ -166,10 +169,11 @@ def compute_fid(generated, reference, *, kid: bool = False, inception_weights=No
     reference images are brought to `resolution` x `resolution` (default: the generated images' side, the shorter
     one if they are not square) by a bicubic resize of the shorter side and a centre crop. `resize` is how both then
     reach Inception's 299x299 (one of RESIZE_MODES; the module docstring compares them). `save_stats` writes the
-    reference's statistics to a new .npz (with the features when `kid` is set, so that the file can serve KID later).
+    reference's statistics to a new .npz (with the features when `kid` is set, so that the file can serve KID later),
+    with the side its images were brought to: statistics are only compared at the size they were made at.
     """
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    require_batch_size(batch_size)
+    device = require_device(device)
     if resize not in RESIZE_MODES:
         raise UserError(f"--resize must be one of {', '.join(RESIZE_MODES)}, not {resize!r}")
     if resolution is not None:
@@ -180,6 +184,10 @@ def compute_fid(generated, reference, *, kid: bool = False, inception_weights=No
     if generated_paths is not None:
         resolution = resolution or generated_side(generated, generated_paths)
     reference_stats, reference_paths = resolve_side(reference, "reference", kid, resize)
+    for path, stats in ((generated, generated_stats), (reference, reference_stats)):
+        if stats is not None:
+            resolution = resolution or stats.resolution
+            require_made_at(path, stats, resolution)
     if reference_paths is not None:
         image_sizes(reference_paths)  # an unreadable file fails now, before the network is built
         if resolution is None:
@@ -222,10 +230,24 @@ def generated_side(folder, paths: list[Path]) -> int:
     return min(next(iter(sizes)))
 
 
+def require_made_at(path, stats: Statistics, resolution: int | None) -> None:
+    """Statistics of images at `resolution` px, as far as the file can tell: pytorch-fid's record no size at all."""
+    ours = stats.num_images is not None
+    if ours and stats.resolution is None:
+        raise UserError(f"statistics file {path} records no image size (an older restune-sd wrote it), so it cannot "
+                        f"be checked against the {resolution or 'other side'} px images here; rebuild it from the "
+                        "reference images with `restune-sd fid GENERATED REFERENCE --save-stats NEW.npz`")
+    if stats.resolution is not None and resolution is not None and stats.resolution != resolution:
+        raise UserError(f"statistics file {path} was made from images brought to {stats.resolution}x{stats.resolution} "
+                        f"px, not the {resolution}x{resolution} px compared here (the generated images' size, or "
+                        f"--resolution): use statistics made at {resolution} px (`restune-sd fid GENERATED REFERENCE "
+                        f"--save-stats NEW.npz`), or images of {stats.resolution} px")
+
+
 def statistics_of(extractor, paths: list[Path], batch_size: int, label: str, kid: bool, resize: str,
                   resolution: int | None = None) -> Statistics:
     features = extract_features(extractor, paths, batch_size, label, resolution, resize)
-    return Statistics.from_features(features, keep_features=kid, resize=resize)
+    return Statistics.from_features(features, keep_features=kid, resize=resize, resolution=resolution)
 
 
 def resolve_side(spec, side: str, kid: bool = False, resize: str = "legacy-tensorflow"
@@ -259,53 +281,6 @@ def checked_statistics(path, kid: bool, resize: str) -> Statistics:
     return stats
 
 
-def image_paths(folder, side: str) -> list[Path]:
-    """The images directly in `folder`, sorted by name; at least two of them.
-
-    A `restune-sd sample` output folder is read through its samples.jsonl, so its contact sheet is left out.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
-        raise UserError(f"{side} folder {folder} {what}; give a folder of .png/.jpg/.jpeg/.webp images")
-    listed = folder / "samples.jsonl"
-    if listed.is_file():
-        paths = [folder / json.loads(line)["file"] for line in listed.read_text().splitlines() if line.strip()]
-    else:
-        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if len(paths) < 2:
-        raise UserError(f"{side} folder {folder} holds {len(paths)} image(s); FID needs at least 2 (thousands for a "
-                        "meaningful figure)")
-    return paths
-
-
-def image_sizes(paths: list[Path]) -> set[tuple[int, int]]:
-    """The distinct (width, height) of `paths`, read from the file headers; an unreadable file is an error naming it."""
-    sizes = set()
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                sizes.add(image.size)
-        except (OSError, ValueError, SyntaxError) as error:
-            raise _unreadable(path, error) from None
-    return sizes
-
-
-def load_image(path: Path, resolution: int | None = None, resize: str = "legacy-tensorflow") -> torch.Tensor:
-    """One image as the uint8 [3, H, W] tensor torch-fidelity expects: optionally resized and centre-cropped to
-    `resolution`, then with `resize="clean"` brought to 299x299 by PIL's bicubic filter as clean-fid does."""
-    try:
-        with Image.open(path) as image:
-            image = to_rgb(image)
-    except (OSError, ValueError, SyntaxError) as error:
-        raise _unreadable(path, error) from None
-    if resolution is not None:
-        image = resize_center_crop(image, resolution)
-    if resize == "clean":
-        image = image.resize((INCEPTION_SIZE, INCEPTION_SIZE), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-
-
 def inception(weights=None, device=None) -> torch.nn.Module:
     """torch-fidelity's Inception-v3 returning its 2048-d pool features, on `device` (default: CUDA if available).
 
@@ -314,13 +289,7 @@ def inception(weights=None, device=None) -> torch.nn.Module:
     """
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    name = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        device = torch.device(name)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as error:  # an unknown name, or CUDA absent from this machine or build
-        raise UserError(f"cannot use device '{name}' ({_first_line(error)}); pass --device cpu or a device this "
-                        "machine has") from None
+    device = require_device(device)
     if weights is None:
         try:
             extractor = FeatureExtractorInceptionV3(EXTRACTOR_NAME, [FEATURE], verbose=False)
@@ -423,12 +392,3 @@ def write_random_inception_weights(path, seed: int = 0) -> Path:
 
 def _exists(path: Path) -> UserError:
     return UserError(f"statistics file {path} already exists; remove it or choose another --save-stats name")
-
-
-def _unreadable(path: Path, error: Exception) -> UserError:
-    return UserError(f"cannot read image {path} ({_first_line(error)}); remove or replace it")
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__

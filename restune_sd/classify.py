@@ -1,13 +1,12 @@
 """Tuning a frozen ViT classifier on labelled images: `classify(cfg) -> results` on the shared training scaffold,
-top-1 evaluation of the final model, and the VTAB-1K table (tasks, group means, mean of group means).
+top-1 evaluation of the final model (on data of the classes it was trained for) and multi-task prediction; the
+VTAB-1K sweep and its table live in vtab.py.
 
 Defaults follow the VTAB-1K protocol of docs/method.md §4: 224 px direct resize, AdamW lr 1e-3, wd 1e-4, cosine with 10
 warm-up epochs, 100 epochs, batch 64. Normalisation comes from the model's own preprocessor config.
 """
 
-import dataclasses
 import json
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -15,11 +14,13 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from restune_sd.bounds import MAX_RESOLUTION
+from restune_sd.bounds import MAX_RESOLUTION, require_number
 from restune_sd.errors import UserError
 from restune_sd.loop import WHOLE, Job, RunConfig, Session, fit
 
 DEFAULT_NORMALISATION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # google/vit-base-patch16-224-in21k's own
+MAX_BATCH_SIZE = 1024  # images per forward when scoring or predicting: far above what one accelerator holds at 224 px
+SHOWN_CLASSES = 8  # class names a mismatch message lists before "..."
 
 
 @dataclass(kw_only=True)
@@ -53,6 +54,9 @@ class ClassifyConfig(RunConfig):
 
 def normalisation(model: str) -> tuple[tuple, tuple]:
     """The image mean and std of a model's preprocessor config (the ViT's pretraining statistics)."""
+    from restune_sd.models import check_vit_folder
+
+    check_vit_folder(model)  # a damaged model folder is one line before any of it is read
     config = Path(model) / "preprocessor_config.json"
     if config.is_file():
         data = json.loads(config.read_text())
@@ -151,58 +155,6 @@ def classify(cfg: ClassifyConfig, given: set[str] | None = None) -> dict:
     return fit(cfg, "vit", classifier_job, given)
 
 
-def vtab_tasks_in(root) -> list[tuple[str, Path]]:
-    """The VTAB-1K task folders under `root` (by name or alias), in the paper's table order."""
-    from restune_sd.datasets import VTAB_TASKS, vtab_task
-
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"--vtab-all {root}: no such folder; pass the folder that holds the task folders (cifar/, dtd/, ...)")
-    found = {vtab_task(p.name): p for p in sorted(root.iterdir()) if p.is_dir() and vtab_task(p.name)}
-    if not found:
-        raise UserError(f"--vtab-all {root}: no VTAB-1K task folder in it (expected names such as cifar, dtd, svhn)")
-    return [(task, found[task]) for task in VTAB_TASKS if task in found]
-
-
-def vtab_all(cfg: ClassifyConfig, root, out) -> dict:
-    """Train and evaluate every VTAB-1K task under `root` into `out/TASK`, then write the paper-style table."""
-    rows = {}
-    for task, folder in vtab_tasks_in(root):
-        run = Path(out) / task
-        done = run / "results.json"
-        if done.is_file():  # a finished task of an interrupted sweep is not trained again
-            rows[task] = json.loads(done.read_text())
-            continue
-        rows[task] = classify(dataclasses.replace(cfg, data=f"vtab:{folder}", output=str(run)))
-    return write_vtab_table(rows, out, cfg.tuner)
-
-
-def write_vtab_table(rows: dict[str, dict], out, tuner: str) -> dict:
-    """`vtab.md` and `vtab.json`: each task's top-1, the group means and the mean of group means (Table 1's layout)."""
-    from restune_sd.datasets import VTAB_GROUPS, VTAB_TASKS
-    from restune_sd.files import write_text_atomic
-
-    accuracy = {task: 100 * row["top1"] for task, row in rows.items()}
-    groups = {g: statistics.fmean(accuracy[t] for t in accuracy if VTAB_TASKS[t][1] == g)
-              for g in VTAB_GROUPS if any(VTAB_TASKS[t][1] == g for t in accuracy)}
-    params = {row["tuner_params"] for row in rows.values()}
-    table = {"tuner": tuner, "tasks": accuracy, "group_means": groups,
-             "mean_of_group_means": statistics.fmean(groups.values()), "all_mean": statistics.fmean(accuracy.values()),
-             "tuner_params": sorted(params)[0] if len(params) == 1 else sorted(params),
-             "mean_head_params": statistics.fmean(row["head_params"] for row in rows.values())}
-    tasks = list(accuracy)
-    lines = ["| tuner | " + " | ".join(tasks) + " | " + " | ".join(groups) + " | group mean | tuner params (M) |",
-             "|---" * (len(tasks) + len(groups) + 3) + "|",
-             f"| {tuner} | " + " | ".join(f"{accuracy[t]:.1f}" for t in tasks) + " | "
-             + " | ".join(f"{v:.2f}" for v in groups.values()) + f" | {table['mean_of_group_means']:.2f} | "
-             + (f"{table['tuner_params'] / 1e6:.2f}" if len(params) == 1 else "varies") + " |"]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "vtab.md", "\n".join(lines) + "\n")
-    write_text_atomic(out / "vtab.json", json.dumps(table, indent=2) + "\n")
-    return table
-
-
 def trained_preprocessing(model: str, tuner: str) -> dict:
     """The resolution and normalisation a classify tuner was trained with (its config; the model's own otherwise)."""
     from restune_sd.io import read_tuner_config
@@ -215,19 +167,47 @@ def trained_preprocessing(model: str, tuner: str) -> dict:
             "image_mean": tuple(meta.get("image_mean") or mean), "image_std": tuple(meta.get("image_std") or std)}
 
 
+def require_batch_size(batch_size) -> int:
+    return require_number("--batch-size", batch_size, minimum=1, maximum=MAX_BATCH_SIZE, integer=True)
+
+
+def shown(names: list[str]) -> str:
+    """Class names for a one-line message: the first few, each cut short, and how many there are in all."""
+    cut = [name if len(name) <= 40 else name[:37] + "..." for name in names[:SHOWN_CLASSES]]
+    return ", ".join(cut) + (f", ... ({len(names)} in all)" if len(names) > SHOWN_CLASSES else "")
+
+
+def class_mismatch(trained: list[str], classes: list[str], data: str = "the data") -> str | None:
+    """How a head's classes (in label order) differ from a data set's, in words; None when names and order agree."""
+    trained, classes = list(trained), list(classes)
+    if trained == classes:
+        return None
+    if sorted(trained) == sorted(classes):
+        label = next(i for i, (a, b) in enumerate(zip(trained, classes)) if a != b)
+        return (f"the classes of {data} in another order (label {label} is {trained[label]!r} for the tuner, "
+                f"{classes[label]!r} in {data})")
+    return f"{len(trained)} classes ({shown(trained)}), {data} has {len(classes)} ({shown(classes)})"
+
+
 def score_tuner(model: str, tuner: str, data: str, split: str, batch_size: int) -> dict:
-    """Top-1 of a trained tuner on a split of `data`; a head trained for another class count is refused."""
-    from restune_sd.datasets import build_classification_dataset
+    """Top-1 of a trained tuner on a split of `data`; a head trained for other classes (names, order or VTAB-1K task)
+    is refused."""
+    from restune_sd.datasets import build_classification_dataset, vtab_task
+    from restune_sd.io import load_tuner, read_tuner_config
 
-    from restune_sd.io import load_tuner
-
+    require_batch_size(batch_size)
     prep = trained_preprocessing(model, tuner)
     vit = load_tuner(frozen_vit(model), tuner).eval()
     dataset = build_classification_dataset(data, split=split, resolution=prep["resolution"], mean=prep["image_mean"],
                                            std=prep["image_std"])
-    if dataset.num_classes != vit.config.num_labels:
-        raise UserError(f"tuner {tuner} was trained for {vit.config.num_labels} classes, {data} has {dataset.num_classes}: "
-                        "score it on the data it was trained for")
+    trained = [str(vit.config.id2label.get(label)) for label in range(vit.config.num_labels)]
+    mismatch = class_mismatch(trained, dataset.classes, data)
+    prefix, _, root = str(read_tuner_config(tuner).get("data") or "").partition(":")
+    task = vtab_task(Path(root).name) if prefix.lower() == "vtab" else None
+    if mismatch is None and task and data.lower().startswith("vtab:") and task != dataset.task:
+        mismatch = f"VTAB-1K task {task}, {data} is {dataset.task}"  # VTAB tasks share generic names: class_0, ...
+    if mismatch:
+        raise UserError(f"tuner {tuner} was trained for {mismatch}: score it on the data it was trained for")
     return {"tuner": str(tuner), "data": data, "split": split, "images": len(dataset),
             "top1": top1(vit, dataset, batch_size, "cpu")}
 
@@ -266,15 +246,12 @@ def task_names(tuners: list[str]) -> dict[str, str]:
 def predictions(model: str, tuners: list[str], paths: list[Path], top_k: int, batch_size: int, notice=print):
     """One dict per image and task: the predicted label, its class name and the top-k scores. Bypass tuners share one
     backbone forward per batch; others run alone (`notice` says so once)."""
-    from PIL import Image
-
     from restune_sd.datasets import ClassificationTransform
-    from restune_sd.datasets.image_files import DECODE_ERRORS
-    from restune_sd.datasets.transforms import to_rgb
+    from restune_sd.datasets.image_files import DECODE_ERRORS, decode_rgb
     from restune_sd.multitask import MultiTask
 
-    if top_k < 1 or batch_size < 1:
-        raise UserError(f"--top-k and --batch-size must be at least 1 (got {top_k} and {batch_size})")
+    require_number("--top-k", top_k, minimum=1, integer=True)
+    require_batch_size(batch_size)
     files = image_files(paths)
     names = task_names(tuners)
     preps = [trained_preprocessing(model, tuner) for tuner in tuners]
@@ -290,8 +267,7 @@ def predictions(model: str, tuners: list[str], paths: list[Path], top_k: int, ba
         batch, pixels = [], []
         for path in files[start:start + batch_size]:
             try:
-                with Image.open(path) as image:
-                    pixels.append(transform(to_rgb(image)))
+                pixels.append(transform(decode_rgb(path)))  # upright, as its EXIF tag says
                 batch.append(path)
             except DECODE_ERRORS:
                 unreadable.append(path)

@@ -240,9 +240,13 @@ def test_pytorch_fid_statistics_serve_either_side(generated_vs_reference, images
     assert ran.exit_code == 0 and "an unknown number of reference images" in ran.stdout, ran.output
 
 
-def test_statistics_on_the_generated_side_need_the_reference_size(generated_vs_reference, images, weights):
+def test_statistics_on_the_generated_side_need_the_reference_size(generated_vs_reference, images, weights, tmp_path):
+    theirs = pytorch_fid_file(tmp_path / "pytorch-fid.npz", load_statistics(generated_vs_reference[1]))
     with pytest.raises(UserError, match="pass --resolution"):
-        compute_fid(generated_vs_reference[1], images["reference"], inception_weights=weights)
+        compute_fid(theirs, images["reference"], inception_weights=weights)
+    # Ours record the size their images were brought to, which the reference images are then brought to.
+    ours = compute_fid(generated_vs_reference[1], images["reference"], inception_weights=weights)
+    assert ours["num_reference"] == 8 and abs(ours["fid"]) < 1e-6 * generated_vs_reference[0]["fid"]
 
 
 def resized_copy(folder, target, size):
