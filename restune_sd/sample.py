@@ -74,7 +74,11 @@ def read_prompts(cfg: SampleConfig) -> tuple[list[str], list | None]:
         path = Path(cfg.prompts_file)
         if not path.is_file():
             raise UserError(f"--prompts-file {path} does not exist")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise UserError(f"--prompts-file {path} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
     else:
         from restune_sd.datasets import coco_val_items
 

@@ -234,3 +234,12 @@ def test_a_decompression_bomb_among_training_images_is_skipped_as_corrupt(tmp_pa
     dataset = build_classification_dataset(f"classfolder:{root}", split="train", resolution=16)
     with pytest.warns(UserWarning, match=first.name):
         assert dataset[dataset.paths.index(first)]["skipped"] == 1
+
+
+def test_a_prompts_file_that_is_not_utf8_is_one_line(tiny, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("a café at dawn\n".encode("latin-1"))
+    message = one_error_line(["sample", "--model", tiny, "--out", str(tmp_path / "out"), "--prompts-file", str(prompts),
+                              "--steps", "1"])
+    assert "prompts.txt" in message and "UTF-8" in message, message
+    assert not (tmp_path / "out").exists()
