@@ -6,6 +6,8 @@ from restune_sd.errors import UserError
 
 # Far above any Stable Diffusion model's own size (512-1024), far below sizes that exhaust a machine's memory.
 MAX_RESOLUTION = 4096
+# Seeds stay within a signed 64-bit integer, which torch's generators (and JSON readers) take as they are.
+MAX_SEED = 2**63 - 1
 
 
 def require_number(name: str, value, *, minimum=None, above=None, maximum=None, integer: bool = False):

@@ -1,9 +1,10 @@
 """Generating images with a stock diffusers pipeline and a saved tuner: `sample(cfg) -> result`.
 
 Image i has its own generator seeded with `seed + i`, so a single image with `--seed S` is exactly what a stock
-pipeline gives with `generator=torch.Generator(device).manual_seed(S)`, whatever the batch size or the number
-of processes, up to float rounding (batched attention can differ by 1/255 on a few pixels). Each PNG is written atomically; an interrupted job skips the images it already has, and only a job
-with the same model, tuner (by content), prompts (by content) and settings counts as the same job.
+pipeline gives with `generator=torch.Generator(device).manual_seed(S)` (its scheduler predicting what the tuner was
+trained to predict), whatever the batch size or the number of processes, up to float rounding (batched attention can
+differ by 1/255 on a few pixels). Each PNG is written atomically; an interrupted job skips the images it already has,
+and only a job with the same model, tuner (by content), prompts (by content) and settings counts as the same job.
 """
 
 import dataclasses
@@ -13,9 +14,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from restune_sd.bounds import MAX_RESOLUTION, check_bounds, require_resolution
+from restune_sd.bounds import MAX_RESOLUTION, MAX_SEED, check_bounds, require_resolution
 from restune_sd.errors import UserError
 from restune_sd.files import read_json, write_atomic, write_text_atomic, writing
 
@@ -23,6 +25,11 @@ SCHEDULERS = ("ddim", "dpm", "pndm", "euler")
 SETTINGS_FILE = "sample_config.json"
 # LoRA files in pickle formats: refused, since loading one can run code.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Far above what anyone samples with (SD's usual guidance is 5-15, FID sets hold 30,000-50,000 images, a GPU fits
+# tens of images a call) and far below values that overflow to NaN images or exhaust memory.
+MAX_GUIDANCE = 100
+MAX_IMAGES = 1_000_000
+MAX_BATCH_SIZE = 1024
 
 
 @dataclass
@@ -59,8 +66,10 @@ class SampleConfig:
 
 
 SAMPLE_BOUNDS = {
-    "num_images": {"integer": True, "minimum": 1, "optional": True}, "steps": {"integer": True, "minimum": 1, "maximum": 1000},
-    "guidance": {"minimum": 0}, "seed": {"integer": True, "minimum": 0}, "batch_size": {"integer": True, "minimum": 1},
+    "num_images": {"integer": True, "minimum": 1, "maximum": MAX_IMAGES, "optional": True},
+    "steps": {"integer": True, "minimum": 1, "maximum": 1000}, "guidance": {"minimum": 0, "maximum": MAX_GUIDANCE},
+    "seed": {"integer": True, "minimum": 0, "maximum": MAX_SEED},
+    "batch_size": {"integer": True, "minimum": 1, "maximum": MAX_BATCH_SIZE},
     "resolution": {"integer": True, "minimum": 8, "maximum": MAX_RESOLUTION, "optional": True},
 }
 
@@ -88,6 +97,12 @@ def read_prompts(cfg: SampleConfig) -> tuple[list[str], list | None]:
         prompts = [prompts[i % len(prompts)] for i in range(cfg.num_images)]
     if not prompts:
         raise UserError("no prompts to sample: the prompts file is empty")
+    if len(prompts) > MAX_IMAGES:
+        raise UserError(f"--prompts-file holds {len(prompts)} prompts, more than the {MAX_IMAGES} images one job samples: "
+                        "split it into several files")
+    if cfg.seed + len(prompts) - 1 > MAX_SEED:  # image i is drawn with seed + i
+        raise UserError(f"--seed {cfg.seed} is too large for {len(prompts)} images: image {len(prompts) - 1} would have "
+                        f"seed {cfg.seed + len(prompts) - 1}, above {MAX_SEED}; use a smaller --seed")
     return prompts, items
 
 
@@ -166,11 +181,37 @@ def load_foreign_lora(pipe, path: Path) -> None:
                         "architecture?)")
 
 
-def make_scheduler(name: str, config):
+def use_scheduler(pipe, name: str, prediction_type: str | None = None) -> None:
+    """Give `pipe` the scheduler that `sample` and validation images both draw with: `name`'s class made from the
+    model's own scheduler config, predicting what the tuner was trained to predict where it records that.
+
+    Both build their pipeline with the model's scheduler config through StableDiffusionPipeline's constructor (which
+    rewrites steps_offset and a clip_sample it finds True) and set this one after it: a DDIM scheduler given to the
+    constructor would have its default clip_sample=True turned off there, and so differ from `sample`'s.
+    """
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 
     cls = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler}[name]
-    return cls.from_config(config)
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **({"prediction_type": prediction_type} if prediction_type else {}))
+
+
+def trained_prediction_type(tuner: str | None) -> str | None:
+    """What a restune-sd tuner's run trained the UNet to predict (epsilon, v_prediction or sample); None for the plain
+    model, a LoRA of another tool and tuners saved outside a training run, which sample as the model's own scheduler."""
+    from restune_sd.io import read_tuner_config
+
+    if tuner is None or foreign_lora(tuner):
+        return None
+    return read_tuner_config(tuner).get("prediction_type")
+
+
+def draw(pipe, prompts: list[str], generators: list, **settings) -> tuple[list, list[int]]:
+    """The pipeline's images for `prompts` as PIL images (none if any holds NaN or inf, which a PNG
+    would show black), and the positions of those that do; the same images as a stock call with output_type="pil"."""
+    with torch.no_grad():
+        arrays = pipe(prompts, generator=generators, output_type="np", **settings).images
+    non_finite = [n for n, a in enumerate(arrays) if not np.isfinite(a).all()]
+    return ([] if non_finite else pipe.numpy_to_pil(arrays)), non_finite
 
 
 def load_pipeline(model: str, tuner: str | None, device, dtype, attention: str, model_config: str | None = None):
@@ -217,6 +258,14 @@ def contact_sheet(paths: list[Path], out: Path, limit: int = 64) -> Path | None:
     return out
 
 
+def non_finite_message(image: Path, tuner: str | None, model: str, dtype) -> str:
+    cause = f"the tuner {tuner} likely holds diverged weights (train it again, e.g. at a lower learning rate)" if tuner \
+        else f"the model {model} gives non-finite values"
+    precision = "; or the model overflows in float16: try --no-fp16" if dtype == torch.float16 else ""
+    return (f"{image} came out NaN or infinite and was not written: {cause}{precision}. The images already written "
+            "are kept")
+
+
 def tuner_folder_name(tuner: str) -> str:
     path = Path(tuner)
     if path.suffix == ".safetensors":  # a foreign LoRA file
@@ -249,6 +298,8 @@ def sample(cfg: SampleConfig) -> dict:
     identities = {folder: job_identity(cfg, prompts, tuner) for tuner, folder in jobs}
     for _, folder in jobs:  # every process checks before anything is written
         saved = folder / SETTINGS_FILE
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--out: {folder} is a file, not a folder: choose another --out (nothing is overwritten)")
         if saved.exists():  # an earlier run of this job: resume it, if it is the same job
             fix = f"remove {saved} and the images beside it, or choose a new --out"
             if read_json(saved, fix).get("settings") != identities[folder]:
@@ -272,17 +323,17 @@ def sample(cfg: SampleConfig) -> dict:
         todo = [i for i in mine if not (folder / names[i]).exists()]
         if todo:
             pipe = load_pipeline(cfg.model, tuner, device, dtype, cfg.attention, cfg.model_config)
-            pipe.scheduler = make_scheduler(cfg.scheduler, pipe.scheduler.config)
+            use_scheduler(pipe, cfg.scheduler, trained_prediction_type(tuner))
             label = tuner_folder_name(tuner) if tuner else "base"
             for start in tqdm(range(0, len(todo), cfg.batch_size), desc=f"sample {label}", unit="batch",
                               disable=not state.is_main_process):
                 chunk = todo[start : start + cfg.batch_size]
-                with torch.no_grad():
-                    images = pipe(
-                        [prompts[i] for i in chunk], negative_prompt=[cfg.negative_prompt] * len(chunk) if cfg.negative_prompt else None,
-                        num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, height=cfg.resolution, width=cfg.resolution,
-                        generator=[torch.Generator(device).manual_seed(cfg.seed + i) for i in chunk],
-                    ).images
+                images, non_finite = draw(
+                    pipe, [prompts[i] for i in chunk], [torch.Generator(device).manual_seed(cfg.seed + i) for i in chunk],
+                    negative_prompt=[cfg.negative_prompt] * len(chunk) if cfg.negative_prompt else None,
+                    num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, height=cfg.resolution, width=cfg.resolution)
+                if non_finite:
+                    raise UserError(non_finite_message(folder / names[chunk[non_finite[0]]], tuner, cfg.model, dtype))
                 for i, image in zip(chunk, images):
                     write_atomic(folder / names[i], lambda tmp: image.save(tmp, format="PNG"),
                                  "the images already written are kept: free some space and run the same command again")

@@ -33,6 +33,7 @@ TINY_SD_TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, 
 TINY_SD_SCHEDULER = dict(
     num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
     prediction_type="epsilon", steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False,
+    clip_sample=False,  # SD v1.5's scheduler config says so; without it DDIM's default clips to [-1, 1]
 )
 # initializer_range 0.2 gives the residual stream a pretrained ViT's scale (std ~1.7 at the embeddings here). At
 # transformers' 0.02 it is 0.17, and tuner branches moved by Adam at lr 1e-3 swamp it: the bypass then stays at chance.
@@ -122,7 +123,7 @@ def write_tiny_sd(path: str | Path, seed: int = 0) -> Path:
         text_encoder = CLIPTextModel(text_config)
     pipeline = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=PNDMScheduler(**TINY_SD_SCHEDULER),
+        scheduler=PNDMScheduler.from_config(TINY_SD_SCHEDULER),  # keeps clip_sample, which PNDM itself does not take
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipeline.save_pretrained(path, safe_serialization=True)

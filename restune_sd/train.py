@@ -181,20 +181,30 @@ def held_out_split(cfg: TrainConfig) -> str:
     return cfg.validation_split or ("val" if layout and "val" in layout.splits else "train")
 
 
-def validation_images(comps: Components, unet, cfg: TrainConfig, prompts: list[str], device) -> list[list]:
-    """--validation-images images per prompt (rows = prompts); image i from seed + i, as `restune-sd sample` draws it."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def validation_images(comps: Components, unet, cfg: TrainConfig, prompts: list[str], device, step: int) -> list[list]:
+    """--validation-images images per prompt (rows = prompts); image i from seed + i, as `restune-sd sample` draws it:
+    the same DDIM scheduler, predicting what training predicts. A NaN or infinite image is a UserError."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
 
+    from restune_sd.sample import draw, use_scheduler
+
+    # A copy of the model's scheduler, as `sample` has: the pipeline's constructor rewrites the one it is given.
     pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler.from_config(comps.noise_scheduler.config), safety_checker=None,
+                                   scheduler=DDPMScheduler.from_config(comps.noise_scheduler.config), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
+    use_scheduler(pipe, "ddim", comps.noise_scheduler.config.prediction_type)
     pipe.set_progress_bar_config(disable=True)
     rows = []
-    for prompt in prompts:
+    for p, prompt in enumerate(prompts):
         generators = [torch.Generator(device=device).manual_seed(cfg.seed + i) for i in range(cfg.validation_images)]
-        with torch.no_grad():
-            rows.append(pipe([prompt] * cfg.validation_images, num_inference_steps=cfg.validation_steps,
-                             generator=generators, height=cfg.resolution, width=cfg.resolution).images)
+        images, non_finite = draw(pipe, [prompt] * cfg.validation_images, generators,
+                                  num_inference_steps=cfg.validation_steps, height=cfg.resolution, width=cfg.resolution)
+        if non_finite:
+            raise UserError(f"validation image {non_finite[0]} of prompt {p} ({prompt!r}) at step {step} came out NaN or "
+                            "infinite, so no validation image of this step is written: the tuner's weights have likely "
+                            "diverged (try a lower --learning-rate), or the model overflows in half precision (try "
+                            "--mixed-precision no)")
+        rows.append(images)
     return rows
 
 
@@ -275,7 +285,8 @@ def diffusion_job(session: Session) -> Job:
 
     return Job(unet, dataset, lambda model, batch, step: diffusion_loss(model, encoders, batch, cfg, step, session.device),
                record={"attention_backend": backend}, prepare=encode_dataset,
-               on_step=validator(session, comps, unet, prompts, held_out))
+               on_step=validator(session, comps, unet, prompts, held_out),
+               tuner_extra={"prediction_type": comps.noise_scheduler.config.prediction_type})  # what `sample` draws with
 
 
 def encodes_ahead(cfg: TrainConfig, dataset, session: Session) -> bool:
@@ -320,7 +331,7 @@ def validator(session: Session, comps: Components, unet, prompts: list[str], hel
             if held_out is not None:
                 metrics["validation_loss"] = validation_loss(unet, encoders, held_out, cfg, session.device)
             if prompts:
-                rows = validation_images(comps, unet, cfg, prompts, session.device)
+                rows = validation_images(comps, unet, cfg, prompts, session.device, step)
         unet.train(was_training)
         if rows:
             with writing(session.run / "validation", disk_hint(last_checkpoint)):
