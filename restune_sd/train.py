@@ -129,6 +129,12 @@ def load_components(model: str, device, dtype, config: str | None = None) -> Com
         raise UserError(f"cannot load a Stable Diffusion pipeline from {model!r}: {where}{str(error).splitlines()[0]}") from None
 
 
+def prediction_target(scheduler) -> str:
+    """What the loss trains the UNet to predict, recorded in the tuner for `sample`: v where the scheduler says so, else
+    the noise (epsilon)."""
+    return "v_prediction" if scheduler.config.prediction_type == "v_prediction" else "epsilon"
+
+
 def diffusion_loss(unet, encoders: Encoders, batch: dict, cfg: TrainConfig, step: int, device) -> torch.Tensor:
     """The denoising loss of one micro-batch; noise, timestep and latent sample drawn per sample from (seed, step, position)."""
     scheduler = encoders.comps.noise_scheduler
@@ -146,7 +152,8 @@ def diffusion_loss(unet, encoders: Encoders, batch: dict, cfg: TrainConfig, step
     noisy = scheduler.add_noise(latents, noise, timesteps)
     context = encoders.text(batch["caption"], device)
     prediction = unet(noisy, timesteps, context).sample.float()  # autocast casts for frozen fp16/bf16 weights
-    if scheduler.config.prediction_type == "v_prediction":
+    v_prediction = prediction_target(scheduler) == "v_prediction"
+    if v_prediction:
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
@@ -155,7 +162,6 @@ def diffusion_loss(unet, encoders: Encoders, batch: dict, cfg: TrainConfig, step
         from diffusers.training_utils import compute_snr
 
         snr = compute_snr(scheduler, timesteps)
-        v_prediction = scheduler.config.prediction_type == "v_prediction"
         per_sample = per_sample * torch.clamp(snr, max=cfg.snr_gamma) / (snr + 1 if v_prediction else snr)
     return per_sample.mean()
 
@@ -192,7 +198,7 @@ def validation_images(comps: Components, unet, cfg: TrainConfig, prompts: list[s
     pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=unet,
                                    scheduler=DDPMScheduler.from_config(comps.noise_scheduler.config), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    use_scheduler(pipe, "ddim", comps.noise_scheduler.config.prediction_type)
+    use_scheduler(pipe, "ddim", prediction_target(comps.noise_scheduler))
     pipe.set_progress_bar_config(disable=True)
     rows = []
     for p, prompt in enumerate(prompts):
@@ -286,7 +292,7 @@ def diffusion_job(session: Session) -> Job:
     return Job(unet, dataset, lambda model, batch, step: diffusion_loss(model, encoders, batch, cfg, step, session.device),
                record={"attention_backend": backend}, prepare=encode_dataset,
                on_step=validator(session, comps, unet, prompts, held_out),
-               tuner_extra={"prediction_type": comps.noise_scheduler.config.prediction_type})  # what `sample` draws with
+               tuner_extra={"prediction_type": prediction_target(comps.noise_scheduler)})
 
 
 def encodes_ahead(cfg: TrainConfig, dataset, session: Session) -> bool:
