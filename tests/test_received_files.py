@@ -20,6 +20,7 @@ from restune_sd.cli.main import app
 from restune_sd.datasets import make_synthetic_classification
 from restune_sd.errors import UserError
 from restune_sd.images import write_validation_folder
+from restune_sd.schema import MAX_LABELS
 from restune_sd.tiny import write_tiny_vit
 
 runner = CliRunner()
@@ -155,8 +156,9 @@ def test_training_extras_are_accepted(tiny, lora_tuner, tmp_path):
 VIT_EDITS = {
     "a label without a name": (drop("head", "id2label", "1"), "head.id2label must be a name for each label 0 to 1"),
     "a negative class count": (put(-3, "head", "num_labels"), "head.num_labels must be a whole number from 1"),
-    "a huge class count": (put(10**9, "head", "num_labels"), "head.num_labels must be a whole number from 1"),
-    "a huge resolution": (put(60000, "resolution"), "resolution must be a whole number of pixels from 1 to 4096"),
+    # Just past the bounds: a regression allocates megabytes, not the gigabytes of the 60000 px a user tried.
+    "a huge class count": (put(MAX_LABELS + 1, "head", "num_labels"), "head.num_labels must be a whole number from 1"),
+    "a huge resolution": (put(4104, "resolution"), "resolution must be a whole number of pixels from 1 to 4096"),
     "another resolution": (put(64, "resolution"), "resolution must be the ViT's image size 32"),
     "a zero std": (put([0, 0, 0], "image_std"), "image_std must be three numbers"),
     "a NaN mean": (put([float("nan")] * 3, "image_mean"), "image_mean must be three numbers"),
@@ -243,7 +245,7 @@ VIT_DAMAGES = {
     "a preprocessor config with a zero std": ("preprocessor_config.json",
                                               lambda path: path.write_text('{"image_std": [0, 0, 0]}'), "image_std"),
     "a huge image size": ("config.json", lambda path: path.write_text(json.dumps(
-        {**json.loads(path.read_text()), "image_size": 60000})), "image_size"),
+        {**json.loads(path.read_text()), "image_size": 4104})), "image_size"),
     "a truncated model": ("model.safetensors", truncate, "model.safetensors"),
     "only a pickled .bin": ("model.safetensors", pickled_bin_only("pytorch_model.bin"), "pytorch_model.bin"),
 }
