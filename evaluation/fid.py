@@ -34,6 +34,7 @@ from restune_sd.evaluation.fid_inputs import (
     first_line as _first_line, image_paths, image_sizes, load_image, require_batch_size, require_device,
 )
 from restune_sd.files import write_reason
+from restune_sd.runfolder import FolderLock
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 EXTRACTOR_NAME, FEATURE = "inception-v3-compat", "2048"
@@ -160,8 +161,19 @@ def kernel_distance(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return kid[KEY_METRIC_KID_MEAN], kid[KEY_METRIC_KID_STD]
 
 
-def compute_fid(generated, reference, *, kid: bool = False, inception_weights=None, device=None, batch_size: int = 50,
-                save_stats=None, resolution: int | None = None, resize: str = "legacy-tensorflow") -> dict:
+def compute_fid(generated, reference, *, save_stats=None, **options) -> dict:
+    """FID (and KID) of `generated` against `reference` (see `fid_and_statistics`); with `save_stats`, one command at
+    a time computes statistics for that name: a second one is refused at once, not after minutes of Inception."""
+    if save_stats is None:
+        return fid_and_statistics(generated, reference, **options)
+    path = Path(save_stats)
+    with FolderLock(path.parent, "--save-stats", name=f".{path.name}.lock"):
+        return fid_and_statistics(generated, reference, save_stats=path, **options)
+
+
+def fid_and_statistics(generated, reference, *, kid: bool = False, inception_weights=None, device=None,
+                       batch_size: int = 50, save_stats=None, resolution: int | None = None,
+                       resize: str = "legacy-tensorflow") -> dict:
     """FID (and KID) of `generated` against `reference`.
 
     Each side is a folder of images or a .npz of statistics (ours or pytorch-fid's); `reference` may also be

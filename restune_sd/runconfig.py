@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from restune_sd.bounds import check_bounds, require_number
+from restune_sd.bounds import MAX_SEED, check_bounds, require_number
 from restune_sd.errors import UserError
 
 # diffusers.optimization.get_scheduler's schedules (checked here without importing diffusers).
@@ -22,7 +22,6 @@ WHOLE = {"integer": True}
 # seeds feed torch.Generator (< 2**64 with the per-image offsets), and AdamW's step is about the learning rate.
 MAX_BATCH = 65536
 MAX_STEPS = 10**9
-MAX_SEED = 2**63 - 1
 MAX_LEARNING_RATE = 10.0
 
 

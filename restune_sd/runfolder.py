@@ -55,15 +55,18 @@ class FolderLock:
     (a killed command leaves its file) says it takes the folder over.
     """
 
-    def __init__(self, folder: Path, flag: str):
-        self.folder, self.flag, self.fd, self.created = Path(folder), flag, None, []
+    def __init__(self, folder: Path, flag: str, name: str = LOCK):
+        self.folder, self.flag, self.name, self.fd, self.created = Path(folder), flag, name, None, []
 
     def acquire(self) -> "FolderLock":
+        if self.folder.exists() and not self.folder.is_dir():
+            raise UserError(f"{self.flag} {self.folder} is a file, not a folder: choose another {self.flag} "
+                            "(nothing is overwritten)")
         missing = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
         with writing(self.folder, f"choose a {self.flag} where you can write"):
             self.folder.mkdir(parents=True, exist_ok=True)
         self.created = missing[::-1]  # outermost first
-        path = self.folder / LOCK
+        path = self.folder / self.name
         while True:
             with writing(path, f"choose a {self.flag} where you can write"):
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -110,7 +113,7 @@ class FolderLock:
         locks a new one); after a failure, also remove the folders `acquire` made, if nothing was written there."""
         if self.fd is None:
             return
-        (self.folder / LOCK).unlink(missing_ok=True)
+        (self.folder / self.name).unlink(missing_ok=True)
         if failed:
             for folder in reversed(self.created):  # innermost first
                 if not folder.is_dir() or any(folder.iterdir()):

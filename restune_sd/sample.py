@@ -20,6 +20,7 @@ import torch
 from restune_sd.bounds import MAX_RESOLUTION, MAX_SEED, check_bounds, require_resolution
 from restune_sd.errors import UserError
 from restune_sd.files import read_json, write_atomic, write_text_atomic, writing
+from restune_sd.runfolder import LOCK, FolderLock, main_process
 
 SCHEDULERS = ("ddim", "dpm", "pndm", "euler")
 SETTINGS_FILE = "sample_config.json"
@@ -274,7 +275,15 @@ def tuner_folder_name(tuner: str) -> str:
 
 
 def sample(cfg: SampleConfig) -> dict:
-    """Generate every prompt's image (for each tuner), resumably and split across accelerate processes."""
+    """Generate every prompt's image (for each tuner), resumably and split across accelerate processes; the writing
+    process holds --out's lock throughout, so two commands never write one folder."""
+    if not main_process():
+        return sample_into(cfg)
+    with FolderLock(Path(cfg.out), "--out"):
+        return sample_into(cfg)
+
+
+def sample_into(cfg: SampleConfig) -> dict:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
@@ -305,7 +314,7 @@ def sample(cfg: SampleConfig) -> dict:
             if read_json(saved, fix).get("settings") != identities[folder]:
                 raise UserError(f"{folder} holds samples of another job (other model, tuner, prompts or settings): "
                                 "choose a new --out (nothing is overwritten)")
-        elif folder.exists() and any(folder.iterdir()):
+        elif folder.exists() and any(p.name != LOCK for p in folder.iterdir()):
             raise UserError(f"{folder} already holds files: choose a new --out (nothing is overwritten)")
     state.wait_for_everyone()
     with writing(out, "choose an --out where you can write"):

@@ -107,14 +107,22 @@ def vtab_all(cfg, root, out) -> dict:
 
     Everything already in `out` is checked before any task trains: a finished task made with these settings is reused,
     anything made with other settings is refused in one line."""
+    from restune_sd.runfolder import FolderLock
+
+    with FolderLock(Path(out), "--output"):  # each task's run folder gets its own lock from the training loop
+        return sweep(cfg, root, Path(out))
+
+
+def sweep(cfg, root, out: Path) -> dict:
     from restune_sd.classify import classify
 
-    out, tasks, settings = Path(out), vtab_tasks_in(root), sweep_settings(cfg)
+    tasks, settings = vtab_tasks_in(root), sweep_settings(cfg)
     rows = {task: earlier_result(task, out / task, {**settings, "data": f"vtab:{folder}"}) for task, folder in tasks}
     require_own_table(out, settings)
     for task, folder in tasks:
-        if rows[task] is None:
-            rows[task] = classify(dataclasses.replace(cfg, data=f"vtab:{folder}", output=str(out / task)))
+        if rows[task] is None:  # a task stopped after a checkpoint goes on from it (its settings were checked above)
+            resume = "latest" if any((out / task / "checkpoints").glob("step-*.pt")) else None
+            rows[task] = classify(dataclasses.replace(cfg, data=f"vtab:{folder}", output=str(out / task), resume=resume))
     return write_vtab_table(rows, out, cfg.tuner, settings)
 
 

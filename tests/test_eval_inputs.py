@@ -243,3 +243,34 @@ def test_a_prompts_file_that_is_not_utf8_is_one_line(tiny, tmp_path):
                               "--steps", "1"])
     assert "prompts.txt" in message and "UTF-8" in message, message
     assert not (tmp_path / "out").exists()
+
+
+def test_a_sweep_goes_on_from_an_interrupted_tasks_checkpoint_and_holds_its_folder(sweep):
+    from restune_sd.runfolder import FolderLock
+
+    out, args = sweep
+    args = [*args, "--preset", "res-tuning", "--max-steps", "2", "--checkpoint-every", "1"]
+    assert invoke(args).exit_code == 0
+    table = json.loads((out / "vtab.json").read_text())
+    # As a kill during the task's second step leaves it: one checkpoint, no results, no table.
+    task = out / "kitti"
+    for name in ("results.json", "tuner", "checkpoints/step-00000002.pt", "checkpoints/step-00000002-tuner"):
+        shutil.rmtree(task / name) if (task / name).is_dir() else (task / name).unlink()
+    (out / "vtab.json").unlink()
+    again = invoke(args)
+    assert again.exit_code == 0, again.output
+    assert json.loads((out / "vtab.json").read_text())["tasks"] == table["tasks"]  # resumed exactly, not retrained
+    assert [json.loads(line)["step"] for line in (task / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    with FolderLock(out, "--output"):
+        assert "is in use by restune-sd process" in one_error_line(args)
+
+
+def test_statistics_being_computed_by_another_command_are_refused_at_once(images, weights, tmp_path):  # noqa: F811
+    from restune_sd.runfolder import FolderLock
+
+    stats = tmp_path / "reference.npz"
+    with FolderLock(tmp_path, "--save-stats", name=".reference.npz.lock"):
+        message = one_error_line(["fid", str(images["generated"]), str(images["reference"]), "--inception-weights",
+                                  str(weights), "--save-stats", str(stats)])
+    assert "in use by restune-sd process" in message and not stats.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

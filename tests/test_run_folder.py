@@ -237,3 +237,14 @@ def test_the_logged_learning_rate_is_the_one_the_step_used(tiny, data, tmp_path)
     assert result.exit_code == 0, result.output
     rates = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rates == pytest.approx([0.0, 0.5e-3, 1e-3])
+
+
+def test_a_sample_folder_held_by_a_live_command_is_refused(tiny, tmp_path):
+    out = tmp_path / "samples"
+    args = ["sample", "--model", tiny, "--out", str(out), "--prompt", "a cat", "--steps", "2"]
+    with FolderLock(out, "--out"):
+        assert "is in use by restune-sd process" in failed_with(runner.invoke(app, args))
+    assert not out.exists()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (out / "00000.png").is_file() and not (out / LOCK).exists()

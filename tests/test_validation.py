@@ -93,7 +93,8 @@ def test_every_checkpoint_has_a_tuner_that_sample_loads_and_pruning_removes_it(t
     train(config(tiny, data[0], run, max_steps=3, checkpoint_every=1, keep_checkpoints=2))
     folder = run / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == [
-        "step-00000002-tuner", "step-00000002.pt", "step-00000003-tuner", "step-00000003.pt"]
+        "step-00000002-tuner", "step-00000002.pt", "step-00000002.pt.sha256", "step-00000003-tuner", "step-00000003.pt",
+        "step-00000003.pt.sha256"]
     middle = load_file(str(folder / "step-00000002-tuner" / "tuner.safetensors"))
     last = load_file(str(folder / "step-00000003-tuner" / "tuner.safetensors"))
     final = load_file(str(run / "tuner" / "tuner.safetensors"))
