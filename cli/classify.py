@@ -89,6 +89,8 @@ def evaluate(
     warmup_epochs: WarmupEpochs = 10,
     seed: Seed = 0,
     mixed_precision: MixedPrecision = "no",
+    checkpoint_every: CheckpointEvery = 0,
+    keep_checkpoints: KeepCheckpoints = 2,
 ):
     """Top-1 of a trained tuner on a split of data of the same classes; or, with --vtab-all, train every VTAB-1K task
     and write the paper's table (a task OUTPUT already holds is reused only if trained with these settings)."""
@@ -101,7 +103,8 @@ def evaluate(
             raise UserError("--vtab-all needs --output, the folder for each task's run and the table")
         cfg = ClassifyConfig(model=model, data="vtab:", tuner=preset, output=output, max_steps=max_steps, epochs=epochs,
                              batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay,
-                             warmup_epochs=warmup_epochs, seed=seed, mixed_precision=mixed_precision)
+                             warmup_epochs=warmup_epochs, seed=seed, mixed_precision=mixed_precision,
+                             checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints)
         typer.echo(json.dumps(train_vtab_all(cfg, vtab_all, output), indent=2))
         return
     if tuner is None or data is None:

@@ -72,6 +72,30 @@ class RunsCode:
 
 
 
+def poison_weights_after(monkeypatch, bad_step: int, poison) -> None:
+    """AdamW whose update at optimizer step `bad_step` (1-based) leaves the weights `poison(weights)`: a divergence on cue."""
+    real_step, count = torch.optim.AdamW.step, {"n": 0}
+
+    def step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        count["n"] += 1
+        if count["n"] == bad_step:
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.copy_(poison(p))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+
+def reseal(checkpoint) -> None:
+    """Give an altered checkpoint a matching checksum, as someone who edits both files would."""
+    from restune_sd.runfolder import checksum_path, sha256_file
+
+    checksum_path(Path(checkpoint)).write_text(sha256_file(Path(checkpoint)) + "\n")
+
+
 def launched_in_two_processes(args: list[str], output, batch_size: int) -> dict:
     """`restune-sd ARGS` run under `accelerate launch` as two CPU processes into `output`; its tuner's tensors."""
     from safetensors.torch import load_file

@@ -250,7 +250,8 @@ def test_a_sweep_goes_on_from_an_interrupted_tasks_checkpoint_and_holds_its_fold
 
     out, args = sweep
     args = [*args, "--preset", "res-tuning", "--max-steps", "2", "--checkpoint-every", "1"]
-    assert invoke(args).exit_code == 0
+    first = invoke(args)
+    assert first.exit_code == 0, first.output
     table = json.loads((out / "vtab.json").read_text())
     # As a kill during the task's second step leaves it: one checkpoint, no results, no table.
     task = out / "kitti"

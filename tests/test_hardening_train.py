@@ -10,10 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import RunsCode
+from conftest import RunsCode, poison_weights_after, reseal
 from restune_sd.cli.main import app
 from restune_sd.datasets import make_synthetic
-from restune_sd.runfolder import checksum_path, sha256_file
 from restune_sd.train import TrainConfig, train
 
 runner = CliRunner()
@@ -39,11 +38,6 @@ def finished_run(tiny, data, run, **settings):
     settings = {"max_steps": 2, "checkpoint_every": 1, "keep_checkpoints": 3, **settings}
     train(TrainConfig(model=tiny, data=data, tuner="res-tuning", output=str(run), batch_size=2, learning_rate=1e-3, **settings))
     return Path(run)
-
-
-def reseal(checkpoint: Path) -> None:
-    """Give an altered checkpoint a matching checksum, as an attacker who edits both files would."""
-    checksum_path(checkpoint).write_text(sha256_file(checkpoint) + "\n")
 
 
 def test_a_checkpoint_that_would_run_code_is_never_loaded(tiny, data, tmp_path):
@@ -128,20 +122,10 @@ def test_a_checkpoint_that_cannot_be_written_leaves_no_partial_file(tiny, data, 
 
 def test_a_run_that_failed_before_its_first_checkpoint_can_be_retried(tiny, data, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    real_step = torch.optim.AdamW.step
-
-    def diverging_step(self, *args, **kwargs):  # the first update leaves NaN weights: the next loss is NaN
-        out = real_step(self, *args, **kwargs)
-        with torch.no_grad():
-            for group in self.param_groups:
-                for p in group["params"]:
-                    p.fill_(float("nan"))
-        return out
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", diverging_step)
+    poison_weights_after(monkeypatch, 1, lambda p: torch.full_like(p, float("nan")))  # the next loss is NaN
     failed = runner.invoke(app, ["train", "--model", tiny, "--data", data, "--output", str(run), "--tuner", "full",
                                  "--max-steps", "5", "--checkpoint-every", "4"])
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    monkeypatch.undo()
     assert failed.exit_code == 2 and (run / "config.json").is_file()
     retry = cli(tiny, data, run, "--max-steps", "2")
     assert retry.exit_code == 0, retry.output

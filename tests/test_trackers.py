@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from restune_sd.classify import ClassifyConfig
 from restune_sd.cli.main import app
 from restune_sd.datasets import make_synthetic_classification
+from restune_sd.errors import UserError
 from restune_sd.tiny import write_tiny_vit
 from restune_sd.train import TrainConfig, train
 
@@ -80,6 +81,9 @@ def test_the_tensorboard_flag_is_an_alias_of_report_to_tensorboard():
     def report_to(**settings):
         return TrainConfig(model="m", data="d", tuner="t", output="o", tensorboard=True, **settings).report_to
 
-    assert report_to(report_to="none") == "tensorboard" and report_to(report_to="wandb") == "all"
-    assert ClassifyConfig(model="m", data="d", output="o", tensorboard=True, report_to="none").report_to == "tensorboard"
+    assert report_to() == "tensorboard" and report_to(report_to="wandb") == "all"
+    for contradiction in (lambda: report_to(report_to="none"),
+                          lambda: ClassifyConfig(model="m", data="d", output="o", tensorboard=True, report_to="none")):
+        with pytest.raises(UserError, match="--report-to none"):  # it asked for no logs: it never logs silently
+            contradiction()
     assert not TrainConfig(model="m", data="d", tuner="t", output="o", tensorboard=True).tensorboard  # recorded once

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import launched_in_two_processes, one_error_line
+from conftest import launched_in_two_processes, one_error_line, poison_weights_after, reseal
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -118,7 +118,8 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tiny, folder_
 def test_checkpoints_keep_the_last_k(tiny, folder_data, tmp_path):
     train(config(tiny, folder_data, tmp_path / "run", max_steps=5, checkpoint_every=1, keep_checkpoints=2))
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
-        "step-00000004-tuner", "step-00000004.pt", "step-00000005-tuner", "step-00000005.pt"]
+        "step-00000004-tuner", "step-00000004.pt", "step-00000004.pt.sha256", "step-00000005-tuner", "step-00000005.pt",
+        "step-00000005.pt.sha256"]
 
 
 def test_two_processes_match_one_process_with_the_combined_batch(tiny, folder_data, tmp_path):
@@ -129,14 +130,14 @@ def test_two_processes_match_one_process_with_the_combined_batch(tiny, folder_da
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
 
 
-def test_a_loss_that_explodes_stops_the_run_and_keeps_the_checkpoint(tiny, folder_data, tmp_path):
+def test_a_loss_that_explodes_stops_the_run_and_keeps_the_checkpoint(tiny, folder_data, tmp_path, monkeypatch):
+    poison_weights_after(monkeypatch, 3, lambda p: torch.full_like(p, float("nan")))  # step 4's loss is NaN
     result = runner.invoke(app, ["train", "--model", tiny, "--data", folder_data, "--output", str(tmp_path / "run"),
-                                 "--tuner", "full", "--learning-rate", "1e12", "--max-grad-norm", "0", "--max-steps", "20",
-                                 "--checkpoint-every", "1", "--keep-checkpoints", "1"])
+                                 "--tuner", "full", "--max-steps", "20", "--checkpoint-every", "2", "--keep-checkpoints", "1"])
     assert result.exit_code == 2, result.output
-    assert "loss became" in result.stderr and "step-" in result.stderr
+    assert "loss became nan at step 4" in result.stderr and "step-00000002.pt" in result.stderr
     assert not (tmp_path / "run" / "tuner").exists()
-    assert len(list((tmp_path / "run" / "checkpoints").glob("step-*.pt"))) == 1
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*.pt")] == ["step-00000002.pt"]
 
 
 def test_a_resumed_run_that_explodes_names_the_checkpoint_it_resumed_from(tiny, folder_data, tmp_path):
@@ -146,6 +147,7 @@ def test_a_resumed_run_that_explodes_names_the_checkpoint_it_resumed_from(tiny, 
     state = torch.load(checkpoint, weights_only=False)
     state["tuner"] = {k: torch.full_like(v, float("inf")) for k, v in state["tuner"].items()}
     torch.save(state, checkpoint)
+    reseal(checkpoint)
     result = runner.invoke(app, ["train", "--model", tiny, "--data", folder_data, "--output", str(run), "--batch-size", "2",
                                  "--learning-rate", "1e-3", "--max-steps", "4", "--resume", "latest"])
     assert result.exit_code == 2, result.output

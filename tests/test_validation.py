@@ -110,7 +110,8 @@ def test_every_checkpoint_has_a_tuner_that_sample_loads_and_pruning_removes_it(t
     train(config(tiny, data[0], run, max_steps=4, checkpoint_every=1, keep_checkpoints=2, resume="latest"))
     assert [entry["step"] for entry in metrics(run)] == [1, 2, 3, 4]  # resumed from step-3.pt, not from a tuner folder
     assert sorted(p.name for p in folder.iterdir()) == [
-        "step-00000003-tuner", "step-00000003.pt", "step-00000004-tuner", "step-00000004.pt"]
+        "step-00000003-tuner", "step-00000003.pt", "step-00000003.pt.sha256", "step-00000004-tuner", "step-00000004.pt",
+        "step-00000004.pt.sha256"]
 
 
 def test_bad_validation_settings_are_one_line_and_write_nothing(tiny, data, tmp_path):
