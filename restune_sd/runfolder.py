@@ -226,8 +226,7 @@ def clear_stale(plan: RunPlan) -> None:
     """Remove an abandoned attempt's files (proven this tool's by `abandoned_attempt`), then mark the folder."""
     for stale in plan.stale:
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
-    if read_marker(plan.run) is None or plan.stale:
-        write_marker(plan.run, plan.run_id)
+    write_marker(plan.run, plan.run_id)  # the new run's id: its checkpoints carry it
 
 
 def checksum_path(checkpoint: Path) -> Path:

@@ -78,16 +78,20 @@ def test_a_users_folder_that_looks_like_an_early_attempt_is_never_taken_over(tin
     assert snapshot(mine) == before and not (mine / LOCK).exists()
 
 
-def test_an_attempt_this_tool_marked_is_taken_over(tiny, data, tmp_path):
+@pytest.mark.parametrize("left", ["marker and early files", "marker alone"])
+def test_an_attempt_this_tool_marked_is_taken_over(tiny, data, tmp_path, left):
     run = tmp_path / "run"
     run.mkdir()
     (run / MARKER).write_text(json.dumps({"tool": "restune-sd", "run_id": "0" * 32, "created": "then"}))
-    (run / "config.json").write_text("{}")
-    (run / "checkpoints").mkdir()
-    retry = cli(tiny, data, run, "--max-steps", "1")
+    if left == "marker and early files":
+        (run / "config.json").write_text("{}")
+        (run / "checkpoints").mkdir()
+    retry = cli(tiny, data, run, "--max-steps", "1", "--checkpoint-every", "1")
     assert retry.exit_code == 0, retry.output
     assert "starting it over" in retry.stderr and steps_logged(run) == [1]
     assert json.loads((run / MARKER).read_text())["run_id"] != "0" * 32
+    resumed = cli(tiny, data, run, "--max-steps", "2", "--resume", "latest")  # its checkpoints are the marker's run's
+    assert resumed.exit_code == 0, resumed.output
 
 
 def test_a_failure_before_the_first_write_leaves_no_folder(tiny, data, tmp_path):
