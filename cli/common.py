@@ -40,6 +40,12 @@ def user_errors(command):
         except UserError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2) from None
+        except OSError as error:  # a file the command was given or made cannot be opened: one line naming it
+            if not error.filename:
+                raise
+            typer.echo(f"error: cannot use {error.filename} ({(error.strerror or type(error).__name__).lower()}): "
+                       "check that it exists, is readable and its disk is healthy", err=True)
+            raise typer.Exit(2) from None
 
     return guarded
 

@@ -58,8 +58,20 @@ def read_pairs(path: Path, prefix: str, fix: str) -> list[tuple[int, str, str]]:
     return pairs
 
 
-def require_images(paths: list[Path], prefix: str, fix: str) -> None:
-    """Raise when any listed image file is absent; one directory listing per folder keeps this fast for COCO."""
+def require_inside(paths: list[Path], root: Path, prefix: str) -> None:
+    """Every listed path inside ROOT as written: a listing that names an absolute path or climbs out with '..' would
+    read files a data set does not hold. (Links inside ROOT are the user's own layout and are followed.)"""
+    top = os.path.normpath(os.path.abspath(root))
+    for path in paths:
+        if os.path.commonpath([top, os.path.normpath(os.path.abspath(path))]) != top:
+            raise UserError(f"{prefix}: its listing names {path}, outside the data folder {root} (an absolute path or "
+                            "'..'): list only images inside the data folder, with paths relative to it")
+
+
+def require_images(paths: list[Path], prefix: str, fix: str, root: Path) -> None:
+    """Raise when any listed image file is outside `root` or absent; one directory listing per folder keeps this fast
+    for COCO."""
+    require_inside(paths, root, prefix)
     wanted = defaultdict(list)
     for path in paths:
         wanted[path.parent].append(path)

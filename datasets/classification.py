@@ -101,7 +101,7 @@ def read_vtab(root, split_file: str) -> tuple[list[tuple[Path, int]], list[str]]
                             f"({num_classes} classes, labels 0..{num_classes - 1}): check that the folder holds "
                             f"{task}'s export")
         items.append((root / fields[0], label))
-    require_images([path for path, _ in items], "vtab", VTAB_FIX)
+    require_images([path for path, _ in items], "vtab", VTAB_FIX, root)
     return items, vtab_class_names(task)
 
 

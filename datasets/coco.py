@@ -64,7 +64,7 @@ def read_coco(root, split: str) -> list[tuple[Path, list[str]]]:
     coco = load_captions(root / "annotations" / f"captions_{split}2017.json", split)
     images = require_folder(root / f"{split}2017", "coco", fix)
     records = [(images / file_name, captions) for _, file_name, captions in captioned_images(coco)]
-    require_images([path for path, _ in records], "coco", fix)
+    require_images([path for path, _ in records], "coco", fix, images)
     return records
 
 

@@ -56,7 +56,7 @@ def read_cub(root, split: str, prefix: str = "cub", fix: str = CUB_FIX, subfolde
             raise UserError(f"{prefix}: image {image_id} has class {labels[image_id]}, which classes.txt lacks: {fix}")
         if is_train[image_id] == wanted:
             items.append((images / relative, classes[labels[image_id]]))
-    require_images([path for path, _ in items], prefix, fix)
+    require_images([path for path, _ in items], prefix, fix, images)
     return items
 
 
@@ -101,7 +101,7 @@ def read_flowers102(root, split: str) -> list[tuple[Path, str]]:
         raise UserError(f"flowers102: {labels_path} has labels outside 1..102: {FLOWERS_FIX}")
     images = require_folder(root / "jpg", "flowers102", FLOWERS_FIX)
     items = [(images / f"image_{i:05d}.jpg", FLOWER_NAMES[labels[i - 1] - 1]) for i in ids]
-    require_images([path for path, _ in items], "flowers102", FLOWERS_FIX)
+    require_images([path for path, _ in items], "flowers102", FLOWERS_FIX, images)
     return items
 
 
@@ -126,7 +126,7 @@ def read_cars(root, split: str) -> list[tuple[Path, str]]:
             raise UserError(f"cars: {annotations_path} gives {record['fname']} class {label}, but {meta_path} names "
                             f"only {len(names)} classes: {CARS_FIX}")
         items.append((images / str(record["fname"]), clean_class_name(names[label - 1])))
-    require_images([path for path, _ in items], "cars", CARS_FIX)
+    require_images([path for path, _ in items], "cars", CARS_FIX, images)
     return items
 
 
@@ -168,7 +168,7 @@ def read_dogs(root, split: str) -> list[tuple[Path, str]]:
             raise UserError(f"dogs: {listing} lists {relative}, whose breed folder is not in {root / 'Images'}: "
                             f"{DOGS_FIX}")
         items.append((root / "Images" / relative, dog_breed(folder)))
-    require_images([path for path, _ in items], "dogs", DOGS_FIX)
+    require_images([path for path, _ in items], "dogs", DOGS_FIX, root / "Images")
     return items
 
 
@@ -189,7 +189,7 @@ def read_aircraft(root, split: str) -> list[tuple[Path, str]]:
             raise UserError(f"aircraft: {listing} line {number} names variant {variant!r}, which variants.txt lacks: "
                             f"{AIRCRAFT_FIX}")
         items.append((images / f"{image_id}.jpg", clean_class_name(variant)))
-    require_images([path for path, _ in items], "aircraft", AIRCRAFT_FIX)
+    require_images([path for path, _ in items], "aircraft", AIRCRAFT_FIX, images)
     return items
 
 
@@ -215,7 +215,7 @@ def read_food101(root, split: str) -> list[tuple[Path, str]]:
             raise UserError(f"food101: {listing} line {number} names class {folder!r}, which classes.txt lacks: "
                             f"{FOOD_FIX}")
         items.append((images / f"{entry}.jpg", name_of[folder]))
-    require_images([path for path, _ in items], "food101", FOOD_FIX)
+    require_images([path for path, _ in items], "food101", FOOD_FIX, images)
     return items
 
 

@@ -29,5 +29,5 @@ def read_metadata_folder(root, split: str) -> list[tuple[Path, list[str]]]:
             raise UserError(f"folder: {metadata} line {number} has no non-empty \"text\" (or \"caption\"): {LINE_FORMAT}")
         captions.setdefault(entry["file_name"], []).extend(t.strip() for t in texts)
     records = [(root / file_name, texts) for file_name, texts in captions.items()]
-    require_images([path for path, _ in records], "folder", f"add them or drop their lines from {metadata}")
+    require_images([path for path, _ in records], "folder", f"add them or drop their lines from {metadata}", root)
     return records

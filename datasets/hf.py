@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from restune_sd.datasets.checks import require_images, require_root
+from restune_sd.datasets.checks import require_inside, require_images, require_root
 from restune_sd.errors import UserError
 
 SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what Dataset/DatasetDict.save_to_disk write at the top
@@ -67,6 +67,8 @@ def load_split(root: Path, split: str):
         loaded = hf.load_from_disk(str(root)) if saved else hf.load_dataset("imagefolder", data_dir=str(root))
     except Exception as error:  # the library's own errors (missing files, no images, bad metadata) say what is wrong
         how = "load_from_disk" if saved else "load_dataset('imagefolder')"
+        while error.__cause__ is not None:  # "An error occurred while generating the dataset" wraps the reason
+            error = error.__cause__
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UserError(f"hf: {how} cannot read {root} ({reason}): pass a folder written by save_to_disk, or images "
                         "with a metadata.jsonl/metadata.csv") from None
@@ -81,6 +83,15 @@ def load_split(root: Path, split: str):
     if split != "train":
         raise UserError(f"hf: {root} holds one dataset without splits: use it as --split train")
     return loaded
+
+
+def linked_files(images, column: str) -> list[Path]:
+    """The files that rows without stored bytes name (read from the Arrow table: stored bytes stay on disk)."""
+    paths = []
+    for chunk in images.data.column(column).chunks:
+        unstored = chunk.field("bytes").is_null().to_pylist()
+        paths += [Path(path) for path, empty in zip(chunk.field("path").to_pylist(), unstored) if empty and path]
+    return paths
 
 
 def require_column(table, name: str, flag: str, root: Path) -> str:
@@ -110,9 +121,10 @@ def read_hf(root, split: str, image_column: str = "image", caption_column: str =
     feature = images.features[image_column]
     if isinstance(feature, hf.Image):
         images = images.cast_column(image_column, hf.Image(decode=False))  # decoded by us, one row at a time
+        require_inside(linked_files(images, image_column), root, "hf")
     elif getattr(feature, "dtype", None) == "string":
         require_images([root / name for name in images[image_column]], "hf",
-                       f"column {image_column!r} names image files relative to {root}: put them there")
+                       f"column {image_column!r} names image files relative to {root}: put them there", root)
     else:
         raise UserError(f"hf: column {image_column!r} of {root} holds {feature}, not images: pass --image-column with "
                         "the column of images (or of image file names)")

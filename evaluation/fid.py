@@ -15,10 +15,8 @@ How images reach Inception's 299x299 input, against the tools whose figures get 
   uint8, so here they are rounded (at most 0.5/255 per pixel).
 """
 
-import io
 import math
 import os
-import pickle
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,11 +31,12 @@ from restune_sd.errors import UserError
 from restune_sd.evaluation.fid_inputs import (
     first_line as _first_line, image_paths, image_sizes, load_image, require_batch_size, require_device,
 )
-from restune_sd.files import write_reason
+from restune_sd.evaluation.inception import (  # noqa: F401 (write_random_inception_weights: for callers)
+    INCEPTION_FILE, inception, inception_digest, write_random_inception_weights,
+)
+from restune_sd.files import warn, write_reason
 from restune_sd.runfolder import FolderLock
 
-INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
-EXTRACTOR_NAME, FEATURE = "inception-v3-compat", "2048"
 FEATURE_DIM = 2048
 KID_SUBSET_SIZE = 1000
 RESIZE_MODES = ("legacy-tensorflow", "clean")
@@ -48,8 +47,9 @@ ONE_OF_STATISTICS = "a .npz of Inception pool statistics (pytorch-fid's mu and s
 class Statistics:
     """What FID needs from one image set; `features` ([n, 2048] float32) only when KID needs them too.
 
-    `num_images`, `resize` and `resolution` (the side the images were brought to) are None for a file that does not
-    record them (pytorch-fid's holds mu and sigma alone; ours from before the size was recorded lack `resolution`).
+    `num_images`, `resize`, `resolution` (the side the images were brought to) and `inception` (the digest of the
+    network's weights, `inception_digest`) are None for a file that does not record them (pytorch-fid's holds mu and
+    sigma alone; ours from before they were recorded lack `resolution` or `inception`).
     """
 
     mu: np.ndarray
@@ -58,13 +58,15 @@ class Statistics:
     features: np.ndarray | None = None
     resize: str | None = None
     resolution: int | None = None
+    inception: str | None = None
 
     @classmethod
     def from_features(cls, features: np.ndarray, keep_features: bool = False, resize: str | None = None,
-                      resolution: int | None = None) -> "Statistics":
+                      resolution: int | None = None, inception: str | None = None) -> "Statistics":
         features64 = features.astype(np.float64)
         return cls(mu=features64.mean(axis=0), sigma=np.cov(features64, rowvar=False), num_images=len(features),
-                   features=features if keep_features else None, resize=resize, resolution=resolution)
+                   features=features if keep_features else None, resize=resize, resolution=resolution,
+                   inception=inception)
 
 
 class StatisticsNotSaved(UserError):
@@ -80,7 +82,7 @@ def save_statistics(path, stats: Statistics) -> Path:
     path = new_statistics_path(path)
     arrays = dict(mu=stats.mu, sigma=stats.sigma)
     optional = dict(num_images=stats.num_images, features=stats.features, resize=stats.resize,
-                    resolution=stats.resolution)
+                    resolution=stats.resolution, inception=stats.inception)
     arrays.update({key: np.asarray(value) for key, value in optional.items() if value is not None})
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -117,6 +119,7 @@ def load_statistics(path) -> Statistics:
         num_images = int(arrays["num_images"]) if "num_images" in arrays else None
         resize = str(arrays["resize"]) if "resize" in arrays else None
         resolution = int(arrays["resolution"]) if "resolution" in arrays else None
+        digest = str(arrays["inception"]) if "inception" in arrays else None
     except KeyError as error:
         raise UserError(f"statistics file {path} has no {error.args[0]} array; give {ONE_OF_STATISTICS}") from None
     except (OSError, ValueError, TypeError, zipfile.BadZipFile) as error:
@@ -127,7 +130,8 @@ def load_statistics(path) -> Statistics:
         raise UserError(f"statistics file {path} holds mu of shape {mu.shape} and sigma of shape {sigma.shape}, not "
                         f"the ({FEATURE_DIM},) and ({FEATURE_DIM}, {FEATURE_DIM}) of Inception's pool features (or "
                         "its features are not n x 2048); recompute them with `restune-sd fid ... --save-stats FILE.npz`")
-    return Statistics(mu=mu, sigma=sigma, num_images=num_images, features=features, resize=resize, resolution=resolution)
+    return Statistics(mu=mu, sigma=sigma, num_images=num_images, features=features, resize=resize, resolution=resolution,
+                      inception=digest)
 
 
 def frechet_distance(a: Statistics, b: Statistics) -> float:
@@ -208,10 +212,13 @@ def fid_and_statistics(generated, reference, *, kid: bool = False, inception_wei
 
     needs_images = generated_paths is not None or reference_paths is not None
     extractor = inception(inception_weights, device) if needs_images else None
+    digest = inception_digest(extractor) if extractor is not None else None
+    require_same_inception([(generated, generated_stats), (reference, reference_stats)], digest)
     if generated_stats is None:
-        generated_stats = statistics_of(extractor, generated_paths, batch_size, "generated", kid, resize)
+        generated_stats = statistics_of(extractor, generated_paths, batch_size, "generated", kid, resize, None, digest)
     if reference_stats is None:
-        reference_stats = statistics_of(extractor, reference_paths, batch_size, "reference", kid, resize, resolution)
+        reference_stats = statistics_of(extractor, reference_paths, batch_size, "reference", kid, resize, resolution,
+                                        digest)
     for label, stats in (("generated", generated_stats), ("reference", reference_stats)):
         if not (np.isfinite(stats.mu).all() and np.isfinite(stats.sigma).all()):
             raise UserError(f"the {label} images' Inception features are not finite, so FID would be NaN; check "
@@ -256,10 +263,27 @@ def require_made_at(path, stats: Statistics, resolution: int | None) -> None:
                         f"--save-stats NEW.npz`), or images of {stats.resolution} px")
 
 
+def require_same_inception(sides: list[tuple], digest: str | None) -> None:
+    """Statistics files made by the network computing features now (`digest`; None when both sides are files, then
+    by the same network as each other). Features of other weights live in another space: their FID means nothing."""
+    recorded = [(path, stats.inception) for path, stats in sides if stats is not None and stats.inception]
+    expected = digest or (recorded[0][1] if recorded else None)
+    for path, made_with in recorded:
+        if made_with != expected:
+            now = "--inception-weights given now" if digest else "other side's statistics"
+            raise UserError(f"statistics file {path} was made with other Inception weights (digest {made_with[:12]}) "
+                            f"than the {now} ({expected[:12]}), so the two cannot be compared: pass the weights it was "
+                            "made with, or rebuild it (`restune-sd fid GENERATED REFERENCE --save-stats NEW.npz`)")
+    unchecked = [str(path) for path, stats in sides if stats is not None and stats.num_images and not stats.inception]
+    if unchecked:
+        warn(f"statistics file {unchecked[0]} records no Inception digest (an older restune-sd wrote it): it is taken "
+             "to be made with the same weights; rebuild it with --save-stats to have that checked")
+
+
 def statistics_of(extractor, paths: list[Path], batch_size: int, label: str, kid: bool, resize: str,
-                  resolution: int | None = None) -> Statistics:
+                  resolution: int | None = None, digest: str | None = None) -> Statistics:
     features = extract_features(extractor, paths, batch_size, label, resolution, resize)
-    return Statistics.from_features(features, keep_features=kid, resize=resize, resolution=resolution)
+    return Statistics.from_features(features, keep_features=kid, resize=resize, resolution=resolution, inception=digest)
 
 
 def resolve_side(spec, side: str, kid: bool = False, resize: str = "legacy-tensorflow"
@@ -293,58 +317,6 @@ def checked_statistics(path, kid: bool, resize: str) -> Statistics:
     return stats
 
 
-def inception(weights=None, device=None) -> torch.nn.Module:
-    """torch-fidelity's Inception-v3 returning its 2048-d pool features, on `device` (default: CUDA if available).
-
-    Without `weights` torch-fidelity downloads them into torch hub's cache as weights-inception-2015-12-05-6726825d.pth
-    (its hash suffix is that of pytorch-fid's pt_inception-2015-12-05-6726825d.pth).
-    """
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    device = require_device(device)
-    if weights is None:
-        try:
-            extractor = FeatureExtractorInceptionV3(EXTRACTOR_NAME, [FEATURE], verbose=False)
-        except (OSError, RuntimeError) as error:  # URLError is an OSError; a bad download is a RuntimeError
-            raise UserError(f"cannot download torch-fidelity's Inception weights ({_first_line(error)}); pass "
-                            f"--inception-weights FILE, a local copy of {INCEPTION_FILE}") from None
-    else:
-        # torch-fidelity loads the file with weights_only=False, which runs any code a pickle carries: it gets a
-        # buffer holding only the tensors read here safely.
-        buffer = io.BytesIO()
-        torch.save(load_inception_state(weights), buffer)
-        buffer.seek(0)
-        try:
-            extractor = FeatureExtractorInceptionV3(EXTRACTOR_NAME, [FEATURE], feature_extractor_weights_path=buffer)
-        except Exception as error:  # torch.load and load_state_dict raise many types for a wrong file
-            raise UserError(f"{weights} is not an Inception state dict torch-fidelity can load "
-                            f"({_first_line(error)}); pass a local copy of {INCEPTION_FILE}") from None
-    return extractor.to(device)
-
-
-def load_inception_state(weights) -> dict:
-    """An Inception state dict read with weights_only=True: a file that would run code is refused, not loaded."""
-    if not Path(weights).is_file():
-        raise UserError(f"Inception weights file {weights} does not exist; pass a local copy of {INCEPTION_FILE}")
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "weights only" in str(error).lower():
-            raise UserError(f"Inception weights file {weights} holds objects that could run code when loaded, so it is "
-                            f"not loaded; pass a local copy of {INCEPTION_FILE}") from None
-        raise _not_inception(weights, error) from None
-    except Exception as error:  # a truncated or foreign file: torch raises RuntimeError, EOFError, ...
-        raise _not_inception(weights, error) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{weights} is not an Inception state dict; pass a local copy of {INCEPTION_FILE}")
-    return state
-
-
-def _not_inception(weights, error: Exception) -> UserError:
-    return UserError(f"{weights} is not an Inception state dict torch-fidelity can load ({_first_line(error)}); pass a "
-                     f"local copy of {INCEPTION_FILE}")
-
-
 @torch.no_grad()
 def extract_features(extractor, paths: list[Path], batch_size: int, label: str, resolution: int | None = None,
                      resize: str = "legacy-tensorflow") -> np.ndarray:
@@ -357,49 +329,6 @@ def extract_features(extractor, paths: list[Path], batch_size: int, label: str, 
             images = torch.stack(list(pool.map(lambda path: load_image(path, resolution, resize), batch)))
             features.append(extractor(images.to(device))[0].cpu())
     return torch.cat(features).numpy()
-
-
-def write_random_inception_weights(path, seed: int = 0) -> Path:
-    """Write torch-fidelity's Inception-v3 with seeded random weights as a state dict for `--inception-weights`.
-
-    For offline demos and tests only: it checks the FID pipeline end to end, but the figures it gives are not
-    comparable to any published FID, which all use the trained pt_inception-2015-12-05 weights. Convolutions are
-    He-normal and the batch norms' statistics come from one pass over seeded smooth noise, so the pool features
-    keep their scale and still tell images apart. The same seed gives the same file; the global RNG is left as it was.
-    """
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    class InceptionSkeleton(FeatureExtractorInceptionV3):
-        """The architecture alone: the constructor's weight loading is skipped."""
-
-        def load_state_dict(self, state_dict, strict=True, assign=False):
-            return None
-
-    empty = io.BytesIO()
-    torch.save({}, empty)
-    empty.seek(0)
-    with torch.random.fork_rng(devices=[]):  # the layers' default initialisation draws from the global RNG
-        model = InceptionSkeleton(EXTRACTOR_NAME, [FEATURE], feature_extractor_weights_path=empty)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Conv2d):
-                module.weight.normal_(0.0, (2.0 / module.weight[0].numel()) ** 0.5, generator=generator)
-            elif isinstance(module, torch.nn.BatchNorm2d):
-                module.reset_parameters()
-                module.momentum = None  # a cumulative average: one batch sets the statistics
-            elif isinstance(module, torch.nn.Linear):
-                module.weight.normal_(0.0, module.in_features ** -0.5, generator=generator)
-                module.bias.zero_()
-        # Batch norms calibrated on smooth random images centre every layer; without that, random ReLU layers
-        # drift to features that are nearly the same for every image (correlation 0.999).
-        smooth = torch.nn.functional.interpolate(torch.rand(8, 3, 8, 8, generator=generator), size=64, mode="bicubic")
-        model.train()(smooth.clamp(0, 1).mul(255).round().to(torch.uint8))
-    model.eval()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
-    return path
 
 
 def _exists(path: Path) -> UserError:

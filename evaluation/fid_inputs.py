@@ -13,6 +13,7 @@ from restune_sd.bounds import require_number
 from restune_sd.datasets.image_files import DECODE_ERRORS, decode_rgb, open_image
 from restune_sd.datasets.transforms import resize_center_crop, upright_size
 from restune_sd.errors import UserError
+from restune_sd.runfolder import FolderLock
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 INCEPTION_SIZE = 299
@@ -55,6 +56,7 @@ def image_paths(folder, side: str) -> list[Path]:
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
         raise UserError(f"{side} folder {folder} {what}; give a folder of .png/.jpg/.jpeg/.webp images")
+    require_finished_sample(folder, side)
     listing = folder / "samples.jsonl"
     if listing.is_file():
         paths = listed_images(folder, listing)
@@ -64,6 +66,20 @@ def image_paths(folder, side: str) -> list[Path]:
         raise UserError(f"{side} folder {folder} holds {len(paths)} image(s); FID needs at least 2 (thousands for a "
                         "meaningful figure)")
     return paths
+
+
+def require_finished_sample(folder: Path, side: str) -> None:
+    """A `restune-sd sample` folder only once its job is done: samples.jsonl is written after the last image, so a
+    folder with the job's settings but no listing is still being sampled, or was stopped part way."""
+    for held in (folder, folder.parent):  # sample --out holds OUT; several tuners sample into OUT/<tuner>
+        holder = FolderLock.live_holder(held)
+        if holder:
+            raise UserError(f"{side} folder {folder} is being written by {holder}: wait for it to finish (FID over "
+                            "part of the images is not the figure asked for)")
+    if (folder / "sample_config.json").is_file() and not (folder / "samples.jsonl").is_file():
+        raise UserError(f"{side} folder {folder} holds an unfinished `restune-sd sample` job (its sample_config.json "
+                        "but no samples.jsonl, written after the last image): run the same sample command again to "
+                        "finish it, then compute FID")
 
 
 def listed_images(folder: Path, listing: Path) -> list[Path]:

@@ -282,5 +282,8 @@ def predictions(model: str, tuners: list[str], paths: list[Path], top_k: int, ba
                        "class": task.id2label[int(best.indices[0])],
                        "top_k": [{"label": int(j), "class": task.id2label[int(j)], "score": round(float(p), 6)}
                                  for p, j in zip(best.values, best.indices)]}
+    if unreadable and len(unreadable) == len(files):
+        raise UserError(f"none of the {len(files)} image(s) could be read as an image (first: {unreadable[0]}): pass "
+                        "PNG, JPEG or WebP files, or folders of them")
     if unreadable:
         notice(f"warning: skipped {len(unreadable)} unreadable image(s) (first: {unreadable[0]})")

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from restune_sd.errors import UserError
+from restune_sd.files import read_text
 
 # What a received config may ask for: far above the paper's recipes (L <= 100, l <= 100, r <= 8), far below sizes
 # that exhaust a machine's memory (dim 2e9 would ask for 128 GB).
@@ -267,10 +268,8 @@ def expanded_size(node, sizes: dict[int, int], open_nodes: set[int]) -> int:
 def read_mapping(path, what: str, example: str) -> dict:
     """A YAML (.yaml/.yml) or JSON file holding one mapping, read safely; `what` and `example` word the errors."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} {path} does not exist: pass a YAML or JSON file")
+    text = read_text(path, what, "pass a YAML or JSON file")
     try:
-        text = path.read_text()
         data = yaml.load(text, Loader=BoundedLoader) if path.suffix in (".yaml", ".yml") else json.loads(text)
     except AliasBomb as error:
         raise UserError(f"{what} {path} is refused: {error}") from None

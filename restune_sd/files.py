@@ -78,9 +78,46 @@ def write_text_atomic(path, text: str, hint: str = "") -> Path:
     return write_atomic(path, lambda tmp: Path(tmp).write_text(text), hint)
 
 
+def read_reason(error: OSError) -> str:
+    return (error.strerror or type(error).__name__).lower()
+
+
+def readable_file(path, what: str, fix: str) -> Path:
+    """`path` if it is a regular file; else a UserError saying it does not exist or what it is instead. A folder, a
+    device (/dev/zero) or a pipe passed as a file would otherwise be read without end or with a traceback."""
+    path = Path(path)
+    try:
+        is_file = path.is_file()
+    except OSError as error:
+        raise UserError(f"cannot read {what} {path} ({read_reason(error)}): {fix}") from None
+    if not is_file:
+        kind = "does not exist" if not path.exists() else "is a folder" if path.is_dir() else "is not a regular file"
+        raise UserError(f"{what} {path} {kind}: {fix}")
+    return path
+
+
+def read_bytes(path, what: str, fix: str) -> bytes:
+    """A regular file's bytes; a missing or unreadable one (permission, I/O error) is one line naming it and `fix`."""
+    path = readable_file(path, what, fix)
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise UserError(f"cannot read {what} {path} ({read_reason(error)}): {fix}") from None
+
+
+def read_text(path, what: str, fix: str, encoding: str = "utf-8", errors: str = "strict") -> str:
+    """A regular file's text, as `read_bytes`; text that is not `encoding` is one line giving the byte."""
+    data = read_bytes(path, what, fix)
+    try:
+        return data.decode(encoding, errors)
+    except UnicodeDecodeError as error:
+        raise UserError(f"{what} {path} is not {encoding.upper()} text (byte {error.start}): {fix}") from None
+
+
 def read_json(path, fix: str):
     """A JSON file's contents; a damaged one is a UserError naming it and `fix`."""
     try:
         return json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{path} is damaged ({str(error).splitlines()[0]}): {fix}") from None
+        reason = read_reason(error) if isinstance(error, OSError) else str(error).splitlines()[0]
+        raise UserError(f"{path} is damaged ({reason}): {fix}") from None

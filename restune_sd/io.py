@@ -20,7 +20,7 @@ from torch import nn
 from restune_sd.attention import guard_processors
 from restune_sd.config import TuningConfig
 from restune_sd.errors import UserError
-from restune_sd.files import staging_folder
+from restune_sd.files import read_text, readable_file, staging_folder
 from restune_sd.inject import attach, backbone_kind, unwrap
 from restune_sd.schema import (CHECKSUM_FIELD, FORMAT, FORMAT_1, SIGNATURE_KEYS, check_tuner_config,
                                config_checksum)
@@ -126,12 +126,12 @@ def find_tuner_dir(path) -> Path:
 
 def read_tuner_config(path) -> dict:
     """A tuner's config, checked whole against its schema and checksum (restune_sd.schema)."""
-    config = find_tuner_dir(path) / CONFIG_FILE
+    config = readable_file(find_tuner_dir(path) / CONFIG_FILE, "tuner config", "copy the tuner folder again")
     if config.stat().st_size > MAX_CONFIG_BYTES:
         raise UserError(f"tuner config {config} is {config.stat().st_size:,} bytes, more than any tuner's: copy the "
                         "tuner folder again")
     try:
-        meta = json.loads(config.read_text())
+        meta = json.loads(read_text(config, "tuner config", "copy the tuner folder again"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"tuner config {config} is damaged ({str(error).splitlines()[0]}): copy the tuner folder again") from None
     except RecursionError:

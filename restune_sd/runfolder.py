@@ -94,6 +94,22 @@ class FolderLock:
         os.pwrite(fd, record.encode(), 0)
         return self
 
+    @classmethod
+    def live_holder(cls, folder, name: str = LOCK) -> str | None:
+        """Who holds `folder` now (a live process's lock), or None: for readers that must not read a half-written
+        folder. The lock is only tested with a shared flock, never taken or changed."""
+        try:
+            fd = os.open(Path(folder) / name, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            return cls(folder, "").holder(fd)
+        finally:
+            os.close(fd)
+
     @staticmethod
     def holder_record(fd: int) -> dict:
         try:

@@ -19,7 +19,7 @@ import torch
 
 from restune_sd.bounds import MAX_RESOLUTION, MAX_SEED, check_bounds, require_resolution
 from restune_sd.errors import UserError
-from restune_sd.files import read_json, write_atomic, write_text_atomic, writing
+from restune_sd.files import read_json, read_text, write_atomic, write_text_atomic, writing
 from restune_sd.runfolder import LOCK, FolderLock, main_process
 
 SCHEDULERS = ("ddim", "dpm", "pndm", "euler")
@@ -81,13 +81,7 @@ def read_prompts(cfg: SampleConfig) -> tuple[list[str], list | None]:
     if cfg.prompts:
         prompts = list(cfg.prompts)
     elif cfg.prompts_file:
-        path = Path(cfg.prompts_file)
-        if not path.is_file():
-            raise UserError(f"--prompts-file {path} does not exist")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as error:
-            raise UserError(f"--prompts-file {path} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
+        text = read_text(cfg.prompts_file, "--prompts-file", "give a UTF-8 text file with one prompt a line")
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
     else:
         from restune_sd.datasets import coco_val_items

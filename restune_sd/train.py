@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from restune_sd.bounds import MAX_RESOLUTION, require_resolution
 from restune_sd.encoders import Encoders, latent_key
 from restune_sd.errors import UserError
-from restune_sd.files import writing
+from restune_sd.files import read_text, writing
 from restune_sd.loop import WHOLE, Job, RunConfig, Session, disk_hint, fit, seeded
 
 
@@ -171,9 +171,8 @@ def read_validation_prompts(cfg: TrainConfig) -> list[str]:
     if not cfg.validation_prompts_file:
         return cfg.validation_prompts
     path = Path(cfg.validation_prompts_file)
-    if not path.is_file():
-        raise UserError(f"--validation-prompts-file {path} does not exist: give a text file with one prompt a line")
-    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    text = read_text(path, "--validation-prompts-file", "give a text file with one prompt a line", errors="replace")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise UserError(f"--validation-prompts-file {path} holds no prompt: write one prompt a line")
     return cfg.validation_prompts + lines

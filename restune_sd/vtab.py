@@ -2,6 +2,7 @@
 this sweep's settings, and the paper-style table (tasks, group means, mean of group means) with those settings."""
 
 import dataclasses
+import hashlib
 import json
 import math
 import statistics
@@ -12,7 +13,7 @@ from restune_sd.errors import UserError
 # Where a run's files go and how it is logged: nothing a task's top-1 depends on.
 NOT_DECIDING = ("output", "data", "resume", "checkpoint_every", "keep_checkpoints", "report_to", "tensorboard",
                 "num_workers", "eval_batch_size")
-TABLE = "vtab.json"
+TABLE, TABLE_MD = "vtab.json", "vtab.md"
 
 
 def vtab_tasks_in(root) -> list[tuple[str, Path]]:
@@ -66,13 +67,28 @@ def read_json(path: Path, fix: str) -> dict:
     return data
 
 
+def sha256_of(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def require_own_table(out: Path, settings: dict) -> None:
-    """An existing table in `out` may only be replaced by a sweep of the same settings."""
-    table = out / TABLE
+    """An existing table in `out` may only be replaced by a sweep of the same settings, and a vtab.md only if it is
+    the one such a sweep wrote (vtab.json records its checksum): a user's own notes of that name are never replaced."""
+    table, notes = out / TABLE, out / TABLE_MD
+    fix = f"move {table} (and {TABLE_MD}) away, or choose another --output"
     if not table.is_file():
+        if notes.exists():
+            raise UserError(f"{notes} is not a table this sweep wrote (there is no {TABLE} beside it), so it is not "
+                            f"replaced: move it away, or choose another --output")
         return
-    fix = f"move {table} (and vtab.md) away, or choose another --output"
-    saved = read_json(table, fix).get("settings")
+    record = read_json(table, fix)
+    if notes.exists() and (not notes.is_file() or record.get("vtab_md_sha256") != sha256_of(notes)):
+        raise UserError(f"{notes} is not the table {table} records (edited since, or not written by a sweep), so it "
+                        f"is not replaced: {fix}")
+    saved = record.get("settings")
     if not isinstance(saved, dict):
         raise UserError(f"{table} records no settings (an older restune-sd wrote it), so this sweep cannot tell "
                         f"whether it may replace it: {fix}")
@@ -148,6 +164,8 @@ def write_vtab_table(rows: dict[str, dict], out, tuner: str, settings: dict | No
              + (f"{table['tuner_params'] / 1e6:.2f}" if len(params) == 1 else "varies") + " |"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "vtab.md", "\n".join(lines) + "\n")
+    markdown = "\n".join(lines) + "\n"
+    table["vtab_md_sha256"] = hashlib.sha256(markdown.encode()).hexdigest()
+    write_text_atomic(out / TABLE_MD, markdown)
     write_text_atomic(out / TABLE, json.dumps(table, indent=2) + "\n")
     return table

@@ -127,10 +127,14 @@ def test_predict_shares_one_forward_and_names_the_fallback(vit, learnable, tmp_p
 def test_bad_predict_input_is_one_line(vit, learnable, tmp_path):
     classify(config(vit, learnable, tmp_path / "task", max_steps=1))
     (tmp_path / "empty").mkdir()
-    for extra in ([str(tmp_path / "empty")], [str(tmp_path / "missing.png")]):
+    (tmp_path / "broken").mkdir()
+    for name in ("a.png", "b.jpg"):  # images by name only: nothing to predict is an error, not an empty success
+        (tmp_path / "broken" / name).write_bytes(b"not an image at all")
+    for extra in ([str(tmp_path / "empty")], [str(tmp_path / "missing.png")], [str(tmp_path / "broken")]):
         result = runner.invoke(app, ["classify", "predict", *extra, "--model", vit, "--tuner", str(tmp_path / "task")])
         assert result.exit_code == 2, result.output
-        assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
+        assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: "), result.stderr
+        assert result.stdout == ""
 
 
 def test_a_resolution_the_vit_cannot_take_is_one_line_and_writes_nothing(vit, learnable, tmp_path):

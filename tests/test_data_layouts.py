@@ -199,3 +199,53 @@ def test_caption_dropout_out_of_range_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["train", "--model", str(tmp_path), "--data", f"folder:{tmp_path}", "--output",
                                       str(tmp_path / "run"), "--caption-dropout", "1.5"])
     assert result.exit_code == 2 and "--caption-dropout must be >= 0 and <= 1" in result.stderr
+
+
+# --- listings confined to their data folder (issue 15) --------------------------------------------------------------
+
+def outside_and_root(tmp_path) -> tuple[Path, Path]:
+    picture("red").save(tmp_path / "outside.png")
+    root = tmp_path / "root"
+    root.mkdir()
+    picture("green").save(root / "a.png")
+    return tmp_path / "outside.png", root
+
+
+@pytest.mark.parametrize("escape", ["../outside.png", "ABSOLUTE", "sub/../../outside.png"])
+def test_a_folder_listing_never_reads_outside_its_root(tmp_path, escape):
+    outside, root = outside_and_root(tmp_path)
+    name = str(outside) if escape == "ABSOLUTE" else escape
+    (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": "a picture"}) + "\n"
+                                                 for n in ("a.png", name)))
+    message = one_line_error(f"folder:{root}")
+    assert "outside the data folder" in message and "outside.png" in message, message
+    # the same escape in a Hugging Face imagefolder: the library's own reason, in one line
+    (root / "metadata.jsonl").rename(root / "kept.jsonl")
+    (root / "metadata.jsonl").write_text((root / "kept.jsonl").read_text())
+    (root / "kept.jsonl").unlink()
+    message = one_line_error(f"hf:{root}")
+    assert "file_name" in message or "outside" in message, message
+
+
+def test_inner_paths_and_links_inside_the_root_still_read(tmp_path):
+    outside, root = outside_and_root(tmp_path)
+    (root / "sub").mkdir()
+    picture("blue").save(root / "sub" / "b.png")
+    (root / "linked.png").symlink_to(outside)  # a user's own link: their layout, followed
+    (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": "a picture"}) + "\n"
+                                                 for n in ("a.png", "sub/../sub/b.png", "linked.png")))
+    assert len(build_dataset(f"folder:{root}", resolution=RES)) == 3
+
+
+def test_a_vtab_listing_never_reads_outside_its_task(tmp_path):
+    from restune_sd.datasets.classification import build_classification_dataset
+
+    outside, root = outside_and_root(tmp_path)
+    task = root / "kitti"
+    (task / "images" / "train").mkdir(parents=True)
+    picture("green").save(task / "images" / "train" / "000000.jpg")
+    lines = "images/train/000000.jpg 0\n../../outside.png 1\n"
+    for name in ("train800.txt", "val200.txt", "train800val200.txt", "test.txt"):
+        (task / name).write_text(lines)
+    with pytest.raises(UserError, match="outside the data folder"):
+        build_classification_dataset(f"vtab:{task}", split="train", resolution=RES)

@@ -129,6 +129,24 @@ def test_a_table_of_other_settings_is_not_overwritten(sweep):
     assert "vtab.json" in one_error_line([*args, "--preset", "bypass"])
 
 
+def test_a_users_own_vtab_md_is_never_replaced(sweep):
+    out, args = sweep
+    out.mkdir()
+    notes = out / "vtab.md"
+    notes.write_text("my notes on last week's sweep\n")
+    message = one_error_line([*args, "--preset", "bypass"])
+    assert "vtab.md" in message and "not replaced" in message, message
+    assert notes.read_text() == "my notes on last week's sweep\n" and not (out / "kitti").exists()
+    notes.unlink()
+    assert invoke([*args, "--preset", "bypass"]).exit_code == 0
+    assert invoke([*args, "--preset", "bypass"]).exit_code == 0  # its own table is replaced by the same sweep
+    notes.write_text(notes.read_text() + "\nbypass looks good here\n")  # the user annotates the sweep's table
+    edited = notes.read_bytes()
+    message = one_error_line([*args, "--preset", "bypass"])
+    assert "vtab.md" in message and "edited" in message, message
+    assert notes.read_bytes() == edited
+
+
 def test_a_truncated_task_result_is_one_line_naming_it(sweep):
     out, args = sweep
     assert invoke([*args, "--preset", "bypass"]).exit_code == 0
@@ -203,6 +221,41 @@ def test_statistics_made_at_another_image_size_are_refused(images, weights, tmp_
     assert "no image size" in message and "--save-stats" in message, message
 
 
+def test_statistics_made_with_other_inception_weights_are_refused(images, weights, tmp_path):  # noqa: F811
+    from restune_sd.evaluation.fid import write_random_inception_weights
+
+    stats = tmp_path / "reference.npz"
+    first = compute_fid(images["generated"], images["reference"], inception_weights=weights, save_stats=stats)
+    assert len(load_statistics(stats).inception) == 64
+    other = write_random_inception_weights(tmp_path / "other-inception.pth", seed=7)
+    for args in ([str(images["generated"]), str(stats), "--inception-weights", str(other)],
+                 [str(stats), str(images["reference"]), "--inception-weights", str(other), "--resolution", "32"]):
+        message = one_error_line(["fid", *args])
+        assert "reference.npz" in message and "other Inception weights" in message, message
+    # Two statistics files made by different weights are not compared either; the same weights still are.
+    other_stats = tmp_path / "generated-other.npz"
+    compute_fid(images["generated"], images["reference"], inception_weights=other, save_stats=other_stats)
+    with pytest.raises(UserError, match="other Inception weights"):
+        compute_fid(other_stats, stats)
+    again = compute_fid(images["generated"], stats, inception_weights=weights)
+    assert again["fid"] == pytest.approx(first["fid"], rel=1e-6)
+
+
+def test_fid_refuses_a_sample_folder_still_being_written_or_left_unfinished(images, weights, tmp_path):  # noqa: F811
+    from restune_sd.runfolder import FolderLock
+
+    out = shutil.copytree(images["generated"], tmp_path / "samples")
+    (out / "sample_config.json").write_text(json.dumps({"settings": {}, "tuner": None}))
+    with FolderLock(out, "--out"):  # as a running `restune-sd sample --out OUT` holds it
+        message = one_error_line(["fid", str(out), str(images["reference"]), "--inception-weights", str(weights)])
+        assert "being written by restune-sd process" in message, message
+    message = one_error_line(["fid", str(out), str(images["reference"]), "--inception-weights", str(weights)])
+    assert "unfinished" in message and "run the same sample command again" in message, message
+    names = sorted(p.name for p in out.glob("*.png"))
+    (out / "samples.jsonl").write_text("".join(json.dumps({"file": name, "prompt": "p"}) + "\n" for name in names))
+    assert compute_fid(out, images["reference"], inception_weights=weights)["num_generated"] == len(names)
+
+
 def test_fid_device_and_batch_size_are_checked_before_any_work(images, weights):  # noqa: F811
     args = ["fid", str(images["generated"]), str(images["reference"]), "--inception-weights", str(weights)]
     for device in ("meta", "cuda:x", "tpu", "cuda:99"):
@@ -258,6 +311,7 @@ def test_a_sweep_goes_on_from_an_interrupted_tasks_checkpoint_and_holds_its_fold
     for name in ("results.json", "tuner", "checkpoints/step-00000002.pt", "checkpoints/step-00000002-tuner"):
         shutil.rmtree(task / name) if (task / name).is_dir() else (task / name).unlink()
     (out / "vtab.json").unlink()
+    (out / "vtab.md").unlink()
     again = invoke(args)
     assert again.exit_code == 0, again.output
     assert json.loads((out / "vtab.json").read_text())["tasks"] == table["tasks"]  # resumed exactly, not retrained
