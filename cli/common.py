@@ -4,6 +4,7 @@ UserError into one line and exit 2."""
 import dataclasses
 import functools
 import importlib
+import typing
 from typing import Annotated
 
 import typer
@@ -50,6 +51,15 @@ def user_errors(command):
     return guarded
 
 
+def refuse_booleans_for_numbers(path, settings: dict, hints: dict) -> None:
+    """`batch_size: true` is a mistake, not 1: Click would take a YAML boolean for the number 1 or 0."""
+    for key, value in settings.items():
+        hint = hints.get(key)
+        allowed = typing.get_args(hint) or (hint,)
+        if isinstance(value, bool) and bool not in allowed and any(t in allowed for t in (int, float)):
+            raise UserError(f"{path}: {key} must be a number, not {str(value).lower()}")
+
+
 def config_file(config_class: str):
     """An eager `--config FILE` option: the settings in FILE become the command's defaults, so flags override them.
 
@@ -63,9 +73,11 @@ def config_file(config_class: str):
         from restune_sd.config import read_run_settings
 
         module, name = config_class.split(":")
-        fields = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))}
+        config_type = getattr(importlib.import_module(module), name)
+        fields = {f.name for f in dataclasses.fields(config_type)}
         try:
             settings = read_run_settings(value, fields, option_aliases(ctx.command))
+            refuse_booleans_for_numbers(value, settings, typing.get_type_hints(config_type))
         except UserError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2) from None

@@ -20,8 +20,11 @@ def info(
     from restune_sd.config import resolve_tuner
     from restune_sd.inject import attach
     from restune_sd.models import ARCHITECTURES, build_architecture, model_kind, load_unet, load_vit
+    from restune_sd.errors import UserError
     from restune_sd.summary import parameter_summary
 
+    if modules < 0:
+        raise UserError(f"--modules must be 0 (all) or a positive count, not {modules}")
     if model in ARCHITECTURES:
         backbone = build_architecture(model, device="meta")
     elif model_kind(model) == "vit":

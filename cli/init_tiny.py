@@ -19,8 +19,11 @@ def init_tiny(
     from restune_sd.files import writing
     from restune_sd.tiny import write_tiny_sd, write_tiny_vit
 
+    from restune_sd.bounds import MAX_SEED, require_number
+
     if kind not in ("sd", "vit"):
         raise UserError(f"unknown kind {kind!r}: use sd or vit")
+    require_number("--seed", seed, minimum=0, maximum=MAX_SEED, integer=True)
     with writing(directory, "choose a folder where you can write"):
         path = write_tiny_sd(directory, seed=seed) if kind == "sd" else write_tiny_vit(directory, seed=seed)
     typer.echo(f"wrote a tiny {kind} model to {path}")

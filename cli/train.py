@@ -49,7 +49,7 @@ def train(
     mixed_precision: MixedPrecision = "no",
     prediction_type: Annotated[str | None, typer.Option(help="epsilon or v_prediction (default: the model's scheduler)")] = None,
     snr_gamma: Annotated[float | None, typer.Option(help="Min-SNR loss weighting gamma (e.g. 5)")] = None,
-    noise_offset: Annotated[float, typer.Option(help="noise offset")] = 0.0,
+    noise_offset: Annotated[float, typer.Option(help="noise offset: std of a per-channel shift added to the noise (0 to 1; 0.05-0.1 is usual)")] = 0.0,
     gradient_checkpointing: Annotated[bool, typer.Option(help="recompute UNet activations in backward (not for bypass)")] = False,
     attention: Annotated[str, typer.Option(help="auto, xformers or sdpa")] = "auto",
     cache: Annotated[bool, typer.Option(help="keep text embeddings and VAE latents in RUN_DIR/cache/ once computed")] = False,

@@ -165,6 +165,9 @@ def run_job(cfg: RunConfig, backbone: str, build: Callable[[Session], Job], give
     steps_per_epoch = max(1, stream.epoch_size // (global_batch * cfg.gradient_accumulation))
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = cfg.warmup(steps_per_epoch)
+    if warmup >= total_steps > 1 and accelerator.is_main_process:
+        warn(f"the warm-up ({warmup} steps) is as long as the run ({total_steps} steps) or longer, so the learning "
+             "rate never reaches --learning-rate: lower --warmup-steps (or --warmup-epochs) or raise --max-steps")
     scheduler = lr_schedule(optimizer, cfg, total_steps, warmup)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     first = restore(plan, model, optimizer, scheduler)

@@ -64,7 +64,7 @@ class TrainConfig(RunConfig):
         "validation_data", "validation_split", "validation_samples", "attention", "gradient_checkpointing")
     BOUNDS: ClassVar[dict] = {
         **RunConfig.BOUNDS, "resolution": {**WHOLE, "minimum": 8, "maximum": MAX_RESOLUTION, "optional": True},
-        "snr_gamma": {"above": 0, "optional": True}, "noise_offset": {"minimum": 0},
+        "snr_gamma": {"above": 0, "optional": True}, "noise_offset": {"minimum": 0, "maximum": 1},
         "caption_dropout": {"minimum": 0, "maximum": 1}, "bucket_step": {**WHOLE, "minimum": 8},
         "bucket_min_side": {**WHOLE, "minimum": 8, "optional": True},
         "bucket_max_side": {**WHOLE, "minimum": 8, "maximum": MAX_RESOLUTION, "optional": True},

@@ -142,3 +142,10 @@ def test_a_resolution_the_vit_cannot_take_is_one_line_and_writes_nothing(vit, le
                                  "--resolution", "48", "--max-steps", "1"])
     assert result.exit_code == 2 and "takes 32 px images" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_warm_up_as_long_as_the_run_is_named(vit, learnable, tmp_path, capsys):
+    classify(config(vit, learnable, tmp_path / "warm", max_steps=3, warmup_epochs=1))  # an epoch is more than 3 steps
+    assert "never reaches --learning-rate" in capsys.readouterr().err
+    classify(config(vit, learnable, tmp_path / "short", max_steps=3, warmup_steps=1))
+    assert "never reaches" not in capsys.readouterr().err

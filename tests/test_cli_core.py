@@ -44,10 +44,20 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     config.write_text(json.dumps({"tuners": [{"kind": "res-adapter", "site": "ffn", "blocks": "nowhere"}]}))
     for args in (["info", "--model", "sd15", "--tuner", "magic"],
                  ["info", "--model", "sd15", "--config", str(config)],
-                 ["info", "--model", str(tmp_path)]):
+                 ["info", "--model", str(tmp_path)],
+                 ["info", "--model", "sd15", "--modules", "-1"],  # a slice [:-1] would drop the last row silently
+                 ["init-tiny", str(tmp_path / "tiny"), "--seed", "-1"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 2, result.output
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), lines
         assert "Traceback" not in result.output
     assert "'nowhere'" in runner.invoke(app, ["info", "--model", "sd15", "--config", str(config)]).stderr
+
+
+def test_numbers_a_careless_user_passes_are_bounded_or_named(tmp_path):
+    from conftest import one_error_line
+
+    assert "--noise-offset" in one_error_line(["train", "--model", "m", "--data", "d", "--output", str(tmp_path / "o"),
+                                               "--noise-offset", "5"])
+    assert not (tmp_path / "o").exists() and not (tmp_path / "tiny").exists()

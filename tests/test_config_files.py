@@ -95,6 +95,15 @@ def test_one_setting_given_twice_is_one_line(tmp_path):
     assert "validation_prompts" in message and "twice" in message
 
 
+@pytest.mark.parametrize("command", [["train"], ["classify", "train"]])
+def test_a_boolean_where_a_number_belongs_is_one_line(tmp_path, command):
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text("batch-size: true\n")  # Click alone would take it for a batch of 1
+    message = one_error_line([*command, "--config", str(run_file), "--output", str(tmp_path / "run")])
+    assert "batch_size must be a number, not true" in message, message
+    assert not (tmp_path / "run").exists()
+
+
 def test_classify_train_repeats_its_own_run_from_its_config_json(tmp_path):
     vit = str(write_tiny_vit(tmp_path / "vit", num_labels=2))
     data = make_synthetic_classification("classfolder", tmp_path / "classes", num_classes=2, images_per_class=2, size=32)
