@@ -1,4 +1,5 @@
-"""`restune-sd bench sd|vit`: every tuner's parameters, peak memory, step time and sampling speed, side by side."""
+"""`restune-sd bench sd|vit`: every tuner's parameters, peak memory, step time and sampling speed, side by side;
+`restune-sd bench digits`: every tuner on real images (handwritten digits), both backbones."""
 
 from pathlib import Path
 from typing import Annotated
@@ -10,7 +11,8 @@ from restune_sd.cli.common import user_errors
 
 @user_errors
 def bench(
-    kind: Annotated[str, typer.Argument(help="sd (the UNet) or vit (a ViT classifier)")],
+    kind: Annotated[str, typer.Argument(help="sd (the UNet), vit (a ViT classifier), or digits (real images: every "
+                                              "tuner on handwritten digits, both backbones)")],
     output: Annotated[Path, typer.Option(help="folder for results.json, results.md and chart.png")],
     tuners: Annotated[str | None, typer.Option(help="comma-separated presets (default sd: full,lora,adapter,prefix,prompt,res-tuning,bypass; vit adds linear)")] = None,
     model: Annotated[str | None, typer.Option(help="sd15 / vit-b16 (random weights, the default) or a model folder")] = None,
@@ -25,8 +27,18 @@ def bench(
     attention: Annotated[str, typer.Option(help="SD: auto, xformers or sdpa (auto: xformers where usable)")] = "auto",
     through_cli: Annotated[bool, typer.Option(help="SD: also measure each tuner through `restune-sd train` (text encoder, VAE, data)")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace results already in --output")] = False,
+    part: Annotated[str, typer.Option(help="digits: vit, sd or vit,sd")] = "vit,sd",
+    seeds: Annotated[str, typer.Option(help="digits: comma-separated seeds; figures are their mean and spread")] = "0,1,2,3",
+    quick: Annotated[bool, typer.Option(help="digits: a few steps of everything (checks the pipeline; figures mean nothing)")] = False,
 ):
     """Measure each tuner in a fresh process of its own, with ratios to LoRA and to full fine-tuning from the same run."""
+    if kind == "digits":
+        from restune_sd.evaluation.digits import DigitsConfig, run_digits
+
+        run_digits(DigitsConfig(output=output, parts=tuple(part.split(",")), seeds=whole_numbers("--seeds", seeds),
+                                presets=tuple(tuners.split(",")) if tuners else None, quick=quick, overwrite=overwrite))
+        typer.echo((output / "results.md").read_text())
+        return
     from restune_sd.evaluation.bench import BenchConfig, run_bench
 
     cfg = BenchConfig(kind=kind, output=output, tuners=tuners.split(",") if tuners else None, model=model,
@@ -36,3 +48,12 @@ def bench(
                       overwrite=overwrite)
     run_bench(cfg)
     typer.echo((output / "results.md").read_text())
+
+
+def whole_numbers(flag: str, text: str) -> tuple[int, ...]:
+    from restune_sd.errors import UserError
+
+    try:
+        return tuple(int(word) for word in text.split(","))
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated whole numbers such as 0,1,2,3, not {text!r}") from None
