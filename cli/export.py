@@ -1,4 +1,5 @@
-"""`restune-sd export`: a LoRA tuner as a file other tools load (kohya/A1111/ComfyUI keys, or diffusers')."""
+"""`restune-sd export`: a LoRA tuner as a file other tools load (kohya/A1111/ComfyUI keys, or diffusers'); a classifier
+tuned whole as a transformers ViT folder."""
 
 import json
 from pathlib import Path
@@ -7,17 +8,27 @@ from typing import Annotated
 import typer
 
 from restune_sd.cli.common import user_errors
+from restune_sd.errors import UserError
 
 
 @user_errors
 def export(
-    tuner: Annotated[str, typer.Argument(help="LoRA tuner folder or run directory")],
-    output: Annotated[Path, typer.Option(help="the .safetensors file to write (diffusers: or a folder, made if new), "
-                                              "outside the tuner folder")],
-    format: Annotated[str, typer.Option("--format", help="kohya (A1111, ComfyUI, sd-scripts) or diffusers")] = "kohya",
-    overwrite: Annotated[bool, typer.Option(help="replace an existing output file")] = False,
+    tuner: Annotated[str, typer.Argument(help="LoRA tuner folder or run directory (vit-folder: a full or linear classify run)")],
+    output: Annotated[Path, typer.Option(help="the .safetensors file to write (diffusers: or a folder, made if new; "
+                                              "vit-folder: a new folder), outside the tuner folder")],
+    format: Annotated[str, typer.Option("--format", help="kohya (A1111, ComfyUI, sd-scripts), diffusers, or vit-folder "
+                                                         "(a transformers ViT model folder)")] = "kohya",
+    model: Annotated[str | None, typer.Option(help="vit-folder: the ViT the tuner was trained on (default: the run's own)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
 ):
-    """Write a LoRA tuner in another tool's format; other tuner kinds load with restune_sd.load_tuner."""
-    from restune_sd.export import export_lora
+    """Write a LoRA tuner in another tool's format, or a fully tuned classifier as a model folder; other tuner kinds
+    load with restune_sd.load_tuner."""
+    from restune_sd.export import export_lora, export_vit_folder
 
-    typer.echo(json.dumps(export_lora(tuner, format, output, overwrite), indent=2))
+    if format == "vit-folder":
+        result = export_vit_folder(tuner, output, model, overwrite)
+    else:
+        if model is not None:
+            raise UserError("--model goes with --format vit-folder only")
+        result = export_lora(tuner, format, output, overwrite)
+    typer.echo(json.dumps(result, indent=2))

@@ -1,5 +1,6 @@
 """LoRA tuners as the files other tools read: diffusers' `pytorch_lora_weights.safetensors` and kohya's key format
-(sd-scripts, A1111, ComfyUI), or merged into the frozen weights. Other tuner kinds have no foreign format."""
+(sd-scripts, A1111, ComfyUI), or merged into the frozen weights; a fully tuned ViT classifier (`full`, `linear`) as a
+transformers model folder. Other tuner kinds have no foreign format."""
 
 import os
 import shutil
@@ -16,7 +17,7 @@ from restune_sd.inject import unwrap
 from restune_sd.io import (CONFIG_FILE, LORA_FILE, WEIGHTS_FILE, find_tuner_dir, is_plain_unet_lora, lora_pairs,
                            plain_class, read_tuner_config, read_weights, write_diffusers_lora)
 
-FORMATS = ("kohya", "diffusers")
+FORMATS = ("kohya", "diffusers", "vit-folder")
 
 
 def kohya_state(pairs: dict, alpha: float) -> dict[str, torch.Tensor]:
@@ -71,6 +72,8 @@ def export_lora(tuner, fmt: str, output, overwrite: bool = False) -> dict:
     """Write the LoRA tuner at `tuner` (a tuner folder or run directory) as a `fmt` file at `output`."""
     if fmt not in FORMATS:
         raise UserError(f"unknown --format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if fmt == "vit-folder":
+        raise UserError("--format vit-folder writes a model folder: call export_vit_folder")
     folder = find_tuner_dir(tuner)
     meta = read_tuner_config(folder)
     if not is_plain_unet_lora(meta):
@@ -126,3 +129,60 @@ def merge_lora(model):
     for plain in (model, backbone):
         plain.__class__ = plain_class(plain)
     return model
+
+
+def run_model(folder: Path) -> str:
+    """The --model a classify run was made with, from the run's config.json beside its tuner/ folder."""
+    from restune_sd.files import read_json
+
+    config = folder.parent / "config.json"
+    model = read_json(config, "pass --model").get("model") if folder.name == "tuner" and config.is_file() else None
+    if not isinstance(model, str):
+        raise UserError(f"{folder} is not inside a classify run that names its model: pass --model, the ViT it was tuned from")
+    return model
+
+
+def export_vit_folder(tuner, output, model: str | None = None, overwrite: bool = False) -> dict:
+    """Write a classifier tuned whole (`full`, or `linear`: the head alone) as a transformers ViT folder at `output`:
+    config with the run's class names, safetensors weights and the preprocessor config it was trained with, so
+    `ViTForImageClassification.from_pretrained(output)` and `restune-sd classify train --model OUTPUT` load it.
+
+    `model` is the ViT the tuner was trained on (default: the one its run's config.json names)."""
+    from transformers import ViTImageProcessor
+
+    from restune_sd.classify import frozen_vit, trained_preprocessing
+    from restune_sd.io import load_tuner
+
+    folder = find_tuner_dir(tuner)
+    meta = read_tuner_config(folder)
+    tuning = meta["tuning"]
+    if meta["backbone"]["kind"] != "vit" or "head" not in meta or tuning.get("tuners") or tuning.get("lora") or tuning.get("bypass"):
+        raise UserError(f"tuner {folder} ({tuning.get('name', 'custom')!r}) adds modules a plain ViT does not have: only "
+                        "classifiers tuned with `full` or `linear` export as a ViT folder")
+    model = model or run_model(folder)
+    output = Path(output)
+    refuse_own_input(output, folder)
+    if output.exists() and not (output.is_dir() and not any(output.iterdir())):
+        if not (overwrite and (output / "config.json").is_file()):
+            raise UserError(f"{output} already exists: choose a new --output folder, or pass --overwrite to replace a "
+                            "model folder exported before")
+    vit = load_tuner(frozen_vit(model), folder).eval()
+    prep = trained_preprocessing(model, folder)
+    vit.restune = None
+    vit.__class__ = plain_class(vit)  # a plain ViTForImageClassification: its save_pretrained writes every weight
+    side = prep["resolution"]
+    processor = ViTImageProcessor(size={"height": side, "width": side}, image_mean=list(prep["image_mean"]),
+                                  image_std=list(prep["image_std"]))
+    hint = "choose an --output where you can write"
+    with new_folder(output.parent, hint), writing(output, hint):
+        staging = staging_folder(output)
+        try:
+            vit.save_pretrained(staging, safe_serialization=True)
+            processor.save_pretrained(staging)
+            if output.exists():
+                shutil.rmtree(output)
+            os.replace(staging, output)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return {"folder": str(output), "format": "vit-folder", "model": str(model), "tuner": str(folder),
+            "num_labels": vit.config.num_labels, "resolution": side}
