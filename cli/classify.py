@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from restune_sd.cli.common import (
-    CheckpointEvery, GradientAccumulation, KeepCheckpoints, LrNumCycles, LrPower, LrScheduler, LrStepRules, MaxGradNorm,
-    MixedPrecision, NumWorkers, ReportTo, Resume, RunOutput, Seed, TensorBoardFlag, config_file, settings_of, user_errors,
+    CheckpointEvery, GradientAccumulation, KeepCheckpoints, LrNumCycles, LrPower, LrScheduler, LrStepRules, MixedPrecision,
+    NumWorkers, ReportTo, Resume, RunOutput, Seed, TensorBoardFlag, config_file, settings_of, user_errors,
 )
 
 app = typer.Typer(help="Tune ViT image classifiers (VTAB-1K, FGVC, class folders) and predict with many tuners at once.",
@@ -21,7 +21,10 @@ Tuner = Annotated[str, typer.Option(help="res-tuning, bypass, adapter, prefix, p
 Epochs = Annotated[int, typer.Option(help="passes over the training split (VTAB-1K: 100)")]
 MaxSteps = Annotated[int | None, typer.Option(help="optimizer steps (overrides --epochs)")]
 BatchSize = Annotated[int, typer.Option(help="images per process per step (VTAB-1K: 64)")]
-LearningRate = Annotated[float, typer.Option(help="AdamW learning rate (VTAB-1K: 1e-3)")]
+LearningRate = Annotated[float | None, typer.Option(
+    help="AdamW learning rate (default: the preset's recipe, docs/method.md §4: 5e-3 adapter and lora, 1e-3 others)")]
+RecipeGradNorm = Annotated[float | None, typer.Option(
+    help="gradient clipping norm, 0: off (default: the preset's recipe: off for adapter, lora and prompt, 1.0 others)")]
 WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay (VTAB-1K: 1e-4)")]
 WarmupEpochs = Annotated[int, typer.Option(help="linear warm-up epochs before the cosine decay")]
 
@@ -35,15 +38,17 @@ def train(
     output: RunOutput,
     config: config_file("restune_sd.classify:ClassifyConfig") = None,
     tuner: Tuner = "res-tuning",
-    split: Annotated[str, typer.Option(help="training split (vtab: train = train800val200)")] = "train",
+    split: Annotated[str, typer.Option(help="training split (vtab: train = train800val200; FGVC: train = train minus the "
+                                            "val carved from it, trainval = all training images)")] = "train",
     eval_split: Annotated[str, typer.Option(help="split scored at the end, with the final weights")] = "test",
     resolution: Annotated[int | None, typer.Option(help="image size (default: the model's own, 224 for ViT-B/16)")] = None,
-    random_flip: Annotated[bool, typer.Option(help="random horizontal flips of training images")] = False,
+    random_flip: Annotated[bool | None, typer.Option(
+        help="random horizontal flips of training images (default: the data's protocol: on for FGVC, off otherwise)")] = None,
     max_steps: MaxSteps = None,
     epochs: Epochs = 100,
     batch_size: BatchSize = 64,
     gradient_accumulation: GradientAccumulation = 1,
-    learning_rate: LearningRate = 1e-3,
+    learning_rate: LearningRate = None,
     weight_decay: WeightDecay = 1e-4,
     lr_scheduler: LrScheduler = "cosine",
     lr_num_cycles: LrNumCycles = 1,
@@ -51,7 +56,7 @@ def train(
     lr_step_rules: LrStepRules = None,
     warmup_epochs: WarmupEpochs = 10,
     warmup_steps: Annotated[int, typer.Option(help="warm-up in steps (overrides --warmup-epochs when > 0)")] = 0,
-    max_grad_norm: MaxGradNorm = 1.0,
+    max_grad_norm: RecipeGradNorm = None,
     seed: Seed = 0,
     mixed_precision: MixedPrecision = "no",
     checkpoint_every: CheckpointEvery = 0,
@@ -84,7 +89,8 @@ def evaluate(
     max_steps: MaxSteps = None,
     epochs: Epochs = 100,
     batch_size: BatchSize = 64,
-    learning_rate: LearningRate = 1e-3,
+    learning_rate: LearningRate = None,
+    max_grad_norm: RecipeGradNorm = None,
     weight_decay: WeightDecay = 1e-4,
     warmup_epochs: WarmupEpochs = 10,
     seed: Seed = 0,
@@ -102,8 +108,8 @@ def evaluate(
         if output is None:
             raise UserError("--vtab-all needs --output, the folder for each task's run and the table")
         cfg = ClassifyConfig(model=model, data="vtab:", tuner=preset, output=output, max_steps=max_steps, epochs=epochs,
-                             batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay,
-                             warmup_epochs=warmup_epochs, seed=seed, mixed_precision=mixed_precision,
+                             batch_size=batch_size, learning_rate=learning_rate, max_grad_norm=max_grad_norm,
+                             weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed, mixed_precision=mixed_precision,
                              checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints)
         typer.echo(json.dumps(train_vtab_all(cfg, vtab_all, output), indent=2))
         return

@@ -17,7 +17,7 @@ def sample(
     tuner: Annotated[list[str] | None, typer.Option(help="tuner folder, run directory, or a LoRA .safetensors file (diffusers or kohya) or folder; repeat for several (none: the plain model)")] = None,
     prompt: Annotated[list[str] | None, typer.Option(help="a prompt; repeatable")] = None,
     prompts_file: Annotated[str | None, typer.Option(help="a text file of prompts, one a line")] = None,
-    coco: Annotated[str | None, typer.Option(help="COCO2017 root: caption the first --num-images val2017 images")] = None,
+    coco: Annotated[str | None, typer.Option(help="COCO2017 root: caption the first --num-images val2017 images (default: all 5,000, the FID protocol's count)")] = None,
     num_images: Annotated[int | None, typer.Option(help="how many images, at most 1,000,000 (prompts repeat if fewer)")] = None,
     steps: Annotated[int, typer.Option(help="denoising steps")] = 50,
     guidance: Annotated[float, typer.Option(help="classifier-free guidance scale, 0 to 100")] = 7.5,

@@ -1,6 +1,7 @@
 """Labelled images for classifier tuning: VTAB-1K exports, the FGVC sets and split class folders, named by `PREFIX:ROOT`
 specs; the fine-grained layouts share the SD side's readers and only turn class names into label indices."""
 
+import hashlib
 import math
 import random
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from restune_sd.datasets.finegrained import (
 )
 from restune_sd.datasets.flower_names import FLOWER_NAMES
 from restune_sd.datasets.image_files import ImageFiles
+from restune_sd.datasets.transforms import resize_shorter_side
 from restune_sd.errors import UserError
 
 NATURAL, SPECIALIZED, STRUCTURED = "Natural", "Specialized", "Structured"
@@ -137,36 +139,79 @@ def read_split_folder(root: Path, split: str) -> list[tuple[Path, str]]:
     return read_class_folders(require_folder(Path(root) / split, "classfolder", CLASSFOLDER_FIX), split)
 
 
+# VPT's FGVC protocol (KMnP/vpt src/data/transforms.py): ImageNet's statistics, the shorter side resized to 8/7 of
+# the crop (256 for 224), a random crop and flip to train, the centre crop to evaluate.
+IMAGENET_NORMALISATION = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+VAL_FRACTION_DIVISOR = 10  # VPT's FGVC validation split: 10% of train (600 of CUB's 5,994, 815 of Cars' 8,144)
+VAL_SALT = "restune-sd val split v1"
+
+
 @dataclass(frozen=True)
 class ClassificationLayout:
     description: str
     splits: dict[str, str]  # split a caller asks for -> what the reader reads
     read: Callable[[Path, str], tuple[list[tuple[Path, int]], list[str]]]  # (path, label) pairs and the class names
+    crop: bool = False  # VPT's FGVC protocol: resize the shorter side, then a random (train) or centre (eval) crop
+    normalisation: tuple | None = None  # (mean, std) the protocol uses; None: the model's own
 
 
-# As on the SD side, a set without a validation split reads its test images as "val".
-TRAIN_TEST = {"train": "train", "val": "test", "test": "test"}
+def val_carve(items: list[tuple[Path, int]]) -> set[Path]:
+    """The fixed validation part of a training split: ceil(10%) of its images (VPT's sizes), those whose paths,
+    keyed by its last two parts (class folder or split folder, file name) have the smallest salted SHA-256, so the choice
+    depends neither on listing order, nor on which folder ROOT names, nor on the machine or a library's version."""
+
+    def key(path: Path) -> str:
+        return hashlib.sha256(f"{VAL_SALT}:{'/'.join(Path(path).parts[-2:])}".encode()).hexdigest()
+
+    count = -(-len(items) // VAL_FRACTION_DIVISOR)
+    return set(sorted((path for path, _ in items), key=key)[:count])
+
+
+def with_val_carved(read):
+    """A labelled reader whose "train" is split into "train-minus-val" and "val-of-train" (test is never touched)."""
+
+    def carved(root: Path, split: str):
+        if split not in ("train-minus-val", "val-of-train"):
+            return read(root, split)
+        items, classes = read(root, "train")
+        val = val_carve(items)
+        return [item for item in items if (item[0] in val) == (split == "val-of-train")], classes
+
+    return carved
+
+
+# FGVC sets without a validation split of their own: val is carved out of train, never test. `train` is train minus
+# that val (for model selection); `trainval` is every training image (what `train` read before).
+CARVED = {"train": "train-minus-val", "val": "val-of-train", "trainval": "train", "test": "test"}
+FGVC = dict(crop=True, normalisation=IMAGENET_NORMALISATION)
+CARVED_NOTE = ("train = train minus val, val = a fixed 10% of the official train (never test), trainval = all of the "
+               "official train")
+
+
+def fgvc(description: str, read, class_names, prefix: str) -> ClassificationLayout:
+    return ClassificationLayout(f"{description}; {CARVED_NOTE}", CARVED,
+                                with_val_carved(by_class_name(read, class_names, prefix)), **FGVC)
+
+
 REGISTRY = {
     "vtab": ClassificationLayout(
-        "VTAB-1K task folder ROOT/TASK of the common export: train = train800val200.txt, train800, val200 (= val), "
-        "test; TASK is one of the 19 task folder names or an alias", {
-            "train": "train800val200.txt", "train800": "train800.txt", "val200": "val200.txt", "val": "val200.txt",
-            "test": "test.txt"}, read_vtab),
-    "cub": ClassificationLayout("CUB-200-2011: images.txt, classes.txt, image_class_labels.txt, train_test_split.txt, "
-                                "images/ (val = test)", TRAIN_TEST, by_class_name(read_cub, cub_class_names, "cub")),
-    "nabirds": ClassificationLayout("NABirds: images.txt, image_class_labels.txt, train_test_split.txt, classes.txt, "
-                                    "images/; the 555 classes that label images (val = test)", TRAIN_TEST,
-                                    by_class_name(read_nabirds, nabirds_class_names, "nabirds")),
+        "VTAB-1K task folder ROOT/TASK of the common export: train = trainval = train800val200.txt, train800, val200 "
+        "(= val), test; TASK is one of the 19 task folder names or an alias", {
+            "train": "train800val200.txt", "trainval": "train800val200.txt", "train800": "train800.txt",
+            "val200": "val200.txt", "val": "val200.txt", "test": "test.txt"}, read_vtab),
+    "cub": fgvc("CUB-200-2011: images.txt, classes.txt, image_class_labels.txt, train_test_split.txt, images/",
+                read_cub, cub_class_names, "cub"),
+    "nabirds": fgvc("NABirds: images.txt, image_class_labels.txt, train_test_split.txt, classes.txt, images/; the 555 "
+                    "classes that label images", read_nabirds, nabirds_class_names, "nabirds"),
     "flowers102": ClassificationLayout(
-        "Oxford Flowers-102: jpg/, imagelabels.mat, setid.mat; train = trnid + valid, trnid, val = valid, test = tstid",
-        {"train": "train", "trnid": "trnid", "val": "valid", "test": "test"},
-        by_class_name(read_flowers102, lambda root: list(FLOWER_NAMES), "flowers102")),
-    "dogs": ClassificationLayout("Stanford Dogs: Images/<wnid>-<breed>/, train_list.mat and test_list.mat in ROOT or "
-                                 "ROOT/lists (val = test)", TRAIN_TEST,
-                                 by_class_name(read_dogs, dogs_class_names, "dogs")),
-    "cars": ClassificationLayout("Stanford Cars: devkit/cars_meta.mat, devkit/cars_train_annos.mat, cars_train/, "
-                                 "cars_test_annos_withlabels.mat, cars_test/ (val = test)", TRAIN_TEST,
-                                 by_class_name(read_cars, cars_class_names, "cars")),
+        "Oxford Flowers-102: jpg/, imagelabels.mat, setid.mat; train = trnid, val = valid, trainval = trnid + valid, "
+        "test = tstid (the official splits, as VPT uses them)",
+        {"train": "trnid", "trnid": "trnid", "val": "valid", "trainval": "train", "test": "test"},
+        by_class_name(read_flowers102, lambda root: list(FLOWER_NAMES), "flowers102"), **FGVC),
+    "dogs": fgvc("Stanford Dogs: Images/<wnid>-<breed>/, train_list.mat and test_list.mat in ROOT or ROOT/lists",
+                 read_dogs, dogs_class_names, "dogs"),
+    "cars": fgvc("Stanford Cars: devkit/cars_meta.mat, devkit/cars_train_annos.mat, cars_train/, "
+                 "cars_test_annos_withlabels.mat, cars_test/", read_cars, cars_class_names, "cars"),
     "classfolder": ClassificationLayout("train/, val/ and test/, each with one sub-folder of images per class; the "
                                         "classes are train/'s sub-folders in sorted order",
                                         {"train": "train", "val": "val", "test": "test"},
@@ -175,11 +220,19 @@ REGISTRY = {
 CLASSIFICATION_LAYOUTS: dict[str, str] = {prefix: layout.description for prefix, layout in REGISTRY.items()}
 
 
-class ClassificationTransform:
-    """Direct bicubic resize to R x R (the VTAB-1K protocol: no crop), an optional random flip, and normalisation."""
+def crop_source(resolution: int) -> int:
+    """The shorter side an image is resized to before a `resolution` crop: VPT's 256 for 224 (512 for 448, 438 for 384)."""
+    return resolution * 8 // 7
 
-    def __init__(self, resolution: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), random_flip: bool = False):
-        self.resolution, self.random_flip = resolution, random_flip
+
+class ClassificationTransform:
+    """The VTAB-1K protocol by default: a direct bicubic resize to R x R (no crop). With `crop`, VPT's FGVC protocol:
+    the shorter side resized to crop_source(R), then a random R x R crop when training (`train` and an rng given),
+    the centre one otherwise. Then an optional random flip, and normalisation."""
+
+    def __init__(self, resolution: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), random_flip: bool = False,
+                 crop: bool = False, train: bool = False):
+        self.resolution, self.random_flip, self.crop, self.train = resolution, random_flip, crop, train
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
@@ -188,8 +241,16 @@ class ClassificationTransform:
 
     def apply(self, image: Image.Image, rng: random.Random | None = None) -> tuple[torch.Tensor, bool]:
         """The normalised [3, R, R] tensor of an RGB image and whether it was flipped (never without an rng)."""
-        if image.size != (self.resolution, self.resolution):
-            image = image.resize((self.resolution, self.resolution), Image.Resampling.BICUBIC)
+        side = self.resolution
+        if self.crop:
+            image = resize_shorter_side(image, crop_source(side))
+            if self.train and rng is not None:
+                left, top = rng.randint(0, image.width - side), rng.randint(0, image.height - side)
+            else:
+                left, top = (image.width - side) // 2, (image.height - side) // 2
+            image = image.crop((left, top, left + side, top + side))
+        elif image.size != (side, side):
+            image = image.resize((side, side), Image.Resampling.BICUBIC)
         flipped = self.random_flip and rng is not None and rng.random() < 0.5
         if flipped:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -207,13 +268,13 @@ class ClassificationDataset(ImageFiles):
 
     def __init__(self, records: list[tuple[Path, int]], classes: list[str], *, name: str, task: str | None = None,
                  resolution: int = 224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), random_flip: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, crop: bool = False, train: bool = False):
         super().__init__([path for path, _ in records], name=name, seed=seed)
         self.labels = [int(label) for _, label in records]
         self.classes = list(classes)
         self.num_classes = len(self.classes)
         self.task = task or name
-        self.transform = ClassificationTransform(resolution, mean, std, random_flip)
+        self.transform = ClassificationTransform(resolution, mean, std, random_flip, crop, train)
 
     def __getitem__(self, index: int) -> dict:
         current, image, rng = self.decode_from(index)
@@ -246,11 +307,17 @@ def check_normalisation(mean, std) -> tuple[tuple[float, ...], tuple[float, ...]
     return values["mean"], values["std"]
 
 
+def classification_layout(spec: str) -> ClassificationLayout:
+    """The layout a `PREFIX:ROOT` spec names, with its protocol (crop, normalisation)."""
+    return REGISTRY[parse_spec(spec, REGISTRY)[0]]
+
+
 def build_classification_dataset(spec: str, *, split: str, resolution: int = 224, mean=(0.5, 0.5, 0.5),
-                                 std=(0.5, 0.5, 0.5), random_flip: bool = False,
-                                 seed: int = 0) -> ClassificationDataset:
+                                 std=(0.5, 0.5, 0.5), random_flip: bool = False, seed: int = 0,
+                                 crop: bool | None = None, train: bool = False) -> ClassificationDataset:
     """The labelled dataset named by `spec` (PREFIX:ROOT), checked on disk before anything is returned; see
-    CLASSIFICATION_LAYOUTS. Pass random_flip only for a training split."""
+    CLASSIFICATION_LAYOUTS. `crop` None takes the layout's protocol; `train` draws random crops (with `crop`). Pass
+    random_flip and train only for a training split."""
     prefix, root = parse_spec(spec, REGISTRY)
     layout = REGISTRY[prefix]
     if split not in layout.splits:
@@ -263,4 +330,5 @@ def build_classification_dataset(spec: str, *, split: str, resolution: int = 224
         raise UserError(f"{spec} has no images in its {split} split: check the data set's split files")
     task = vtab_task_folder(root)[1] if prefix == "vtab" else prefix
     return ClassificationDataset(items, classes, name=spec, task=task, resolution=resolution, mean=mean, std=std,
-                                 random_flip=random_flip, seed=seed)
+                                 random_flip=random_flip, seed=seed, crop=layout.crop if crop is None else crop,
+                                 train=train)

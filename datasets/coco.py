@@ -68,15 +68,16 @@ def read_coco(root, split: str) -> list[tuple[Path, list[str]]]:
     return records
 
 
-def coco_val_items(root, num_images: int, seed: int = 0) -> list[tuple[str, str]]:
-    """(file name, caption) of the first `num_images` captioned val2017 images by image id, one caption each drawn
-    from (seed, image id). Only the annotations file is read: the images need not be present."""
+def coco_val_items(root, num_images: int, seed: int = 0, at_most: bool = False) -> list[tuple[str, str]]:
+    """(file name, caption) of the first `num_images` captioned val2017 images by image id (`at_most`: or all of them
+    if there are fewer), one caption each drawn from (seed, image id). Only the annotations file is read: the images
+    need not be present."""
     if num_images < 1:
         raise UserError(f"coco: the number of val2017 images must be at least 1, not {num_images}")
     root = require_root(root, "coco", "annotations/captions_val2017.json")
     path = root / "annotations" / "captions_val2017.json"
     rows = captioned_images(load_captions(path, "val"))
-    if num_images > len(rows):
+    if num_images > len(rows) and not at_most:
         raise UserError(f"coco: {num_images} images asked for, but {path} captions only {len(rows)}: ask for fewer")
     items = []
     for image_id, file_name, captions in rows[:num_images]:

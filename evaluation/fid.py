@@ -40,6 +40,7 @@ from restune_sd.runfolder import FolderLock
 FEATURE_DIM = 2048
 KID_SUBSET_SIZE = 1000
 RESIZE_MODES = ("legacy-tensorflow", "clean")
+FID_PROTOCOL_IMAGES = 5000  # docs/method.md §4: one image per COCO2017 val image, FID-5k
 ONE_OF_STATISTICS = "a .npz of Inception pool statistics (pytorch-fid's mu and sigma, or one written by --save-stats)"
 
 
@@ -75,6 +76,12 @@ class StatisticsNotSaved(UserError):
     def __init__(self, message: str, result: dict):
         super().__init__(message)
         self.result = result
+
+
+def fewer_than_protocol(count: int, what: str) -> str:
+    """The one line said when an FID run uses fewer images than the protocol's."""
+    return (f"{count:,} images {what}, fewer than the {FID_PROTOCOL_IMAGES:,} of the FID protocol (docs/method.md §4): "
+            "FID from fewer images is biased upward, so compare it only with figures from as many images")
 
 
 def save_statistics(path, stats: Statistics) -> Path:
@@ -225,6 +232,10 @@ def fid_and_statistics(generated, reference, *, kid: bool = False, inception_wei
                             f"--inception-weights (a local copy of {INCEPTION_FILE}) and the statistics file")
     result = {"fid": frechet_distance(generated_stats, reference_stats),
               "num_generated": generated_stats.num_images, "num_reference": reference_stats.num_images}
+    counts = {n: side for side, n in (("in the reference", result["num_reference"]), ("generated", result["num_generated"]))
+              if n is not None}
+    if counts and min(counts) < FID_PROTOCOL_IMAGES:  # one line, for the smaller side
+        warn(fewer_than_protocol(min(counts), counts[min(counts)]))
     if kid:
         result["kid_mean"], result["kid_std"] = kernel_distance(generated_stats.features, reference_stats.features)
     broken = [key for key in ("fid", "kid_mean", "kid_std") if key in result and not math.isfinite(result[key])]

@@ -2,8 +2,9 @@
 top-1 evaluation of the final model (on data of the classes it was trained for) and multi-task prediction; the
 VTAB-1K sweep and its table live in vtab.py.
 
-Defaults follow the VTAB-1K protocol of docs/method.md §4: 224 px direct resize, AdamW lr 1e-3, wd 1e-4, cosine with 10
-warm-up epochs, 100 epochs, batch 64. Normalisation comes from the model's own preprocessor config.
+Defaults follow the VTAB-1K protocol of docs/method.md §4: 224 px direct resize, AdamW wd 1e-4, cosine with 10 warm-up
+epochs, 100 epochs, batch 64, and the learning rate and clipping of the preset's recipe (recipes.py). FGVC layouts
+use VPT's crop protocol and normalisation (datasets/classification.py); others the model's own normalisation.
 """
 
 import json
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from restune_sd.bounds import MAX_RESOLUTION, require_number
 from restune_sd.errors import UserError
 from restune_sd.loop import WHOLE, Job, RunConfig, Session, fit
+from restune_sd.recipes import fill_recipe
 
 DEFAULT_NORMALISATION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # google/vit-base-patch16-224-in21k's own
 MAX_BATCH_SIZE = 1024  # images per forward when scoring or predicting: far above what one accelerator holds at 224 px
@@ -33,12 +35,14 @@ class ClassifyConfig(RunConfig):
     split: str = "train"
     eval_split: str = "test"
     resolution: int | None = None
-    random_flip: bool = False
+    random_flip: bool | None = field(default=None, metadata={"help": "random flips of training images; None: the data's "
+                                                                    "protocol (FGVC: on, VTAB-1K and class folders: off)"})
     warmup_epochs: int = 10
     eval_batch_size: int = 64
     epochs: int = 100
     batch_size: int = 64
-    learning_rate: float = 1e-3
+    learning_rate: float | None = field(default=None, metadata={"help": "AdamW learning rate; None: the preset's recipe"})
+    max_grad_norm: float | None = field(default=None, metadata={"help": "gradient clipping (0: off); None: the recipe's"})
     weight_decay: float = 1e-4
     lr_scheduler: str = "cosine"
 
@@ -47,9 +51,23 @@ class ClassifyConfig(RunConfig):
                               "eval_batch_size": {**WHOLE, "minimum": 1},
                               "resolution": {**WHOLE, "minimum": 1, "maximum": MAX_RESOLUTION, "optional": True}}
 
+    def __post_init__(self):
+        fill_recipe(self)  # before the bounds are checked: the settings left out take the preset's recipe
+        if self.random_flip is None:
+            self.random_flip = protocol_crops(self.data)
+        super().__post_init__()
+
     def warmup(self, steps_per_epoch: int) -> int:
         """Warm-up in steps: --warmup-steps if given, else --warmup-epochs whole epochs."""
         return self.warmup_steps or self.warmup_epochs * steps_per_epoch
+
+
+def protocol_crops(data: str) -> bool:
+    """Whether the layout of a PREFIX:ROOT spec follows VPT's FGVC protocol (crops and flips); False if unknown."""
+    from restune_sd.datasets.classification import REGISTRY
+
+    layout = REGISTRY.get(str(data).partition(":")[0].lower())
+    return bool(layout and layout.crop)
 
 
 def normalisation(model: str) -> tuple[tuple, tuple]:
@@ -126,15 +144,18 @@ def classifier_job(session: Session) -> Job:
     from restune_sd.datasets import build_classification_dataset
     from restune_sd.inject import attach
 
+    from restune_sd.datasets.classification import classification_layout
+
     cfg = session.cfg
-    mean, std = normalisation(cfg.model)
+    layout = classification_layout(cfg.data)
+    mean, std = layout.normalisation or normalisation(cfg.model)  # the protocol's (FGVC: ImageNet's) or the model's
     resolution = cfg.resolution or model_resolution(cfg.model)
 
-    def data(split: str, flip: bool):
+    def data(split: str, train: bool):
         return build_classification_dataset(cfg.data, split=split, resolution=resolution, mean=mean, std=std,
-                                            random_flip=flip, seed=cfg.seed)
+                                            random_flip=train and bool(cfg.random_flip), seed=cfg.seed, train=train)
 
-    train_set, eval_set = data(cfg.split, cfg.random_flip), data(cfg.eval_split, False)  # checked before the model loads
+    train_set, eval_set = data(cfg.split, True), data(cfg.eval_split, False)  # checked before the model loads
     torch.manual_seed(cfg.seed)  # the new head's and the tuners' random initialisation
     vit = labelled_model(cfg.model, train_set.classes, session.device)
     if vit.config.image_size != resolution:  # its position embeddings are for one image size
@@ -146,7 +167,7 @@ def classifier_job(session: Session) -> Job:
         return {"eval_split": cfg.eval_split, "top1": top1(tuned, eval_set, cfg.eval_batch_size, session.device),
                 "num_classes": train_set.num_classes}
 
-    preprocessing = {"resolution": resolution, "image_mean": list(mean), "image_std": list(std)}
+    preprocessing = {"resolution": resolution, "image_mean": list(mean), "image_std": list(std), "resize_crop": layout.crop}
     return Job(model, train_set, cross_entropy, record=preprocessing, finish=finish, tuner_extra=preprocessing)
 
 
@@ -156,7 +177,8 @@ def classify(cfg: ClassifyConfig, given: set[str] | None = None) -> dict:
 
 
 def trained_preprocessing(model: str, tuner: str) -> dict:
-    """The resolution and normalisation a classify tuner was trained with (its config; the model's own otherwise)."""
+    """The resolution, normalisation and crop protocol a classify tuner was trained with (its config; the model's own
+    and a direct resize otherwise)."""
     from restune_sd.io import read_tuner_config
 
     meta = read_tuner_config(tuner)
@@ -164,7 +186,8 @@ def trained_preprocessing(model: str, tuner: str) -> dict:
         raise UserError(f"{tuner} is a tuner without a classification head (a Stable Diffusion tuner?): pass a classify run")
     mean, std = normalisation(model)
     return {"resolution": meta.get("resolution") or model_resolution(model),
-            "image_mean": tuple(meta.get("image_mean") or mean), "image_std": tuple(meta.get("image_std") or std)}
+            "image_mean": tuple(meta.get("image_mean") or mean), "image_std": tuple(meta.get("image_std") or std),
+            "resize_crop": bool(meta.get("resize_crop", False))}
 
 
 def require_batch_size(batch_size) -> int:
@@ -199,7 +222,7 @@ def score_tuner(model: str, tuner: str, data: str, split: str, batch_size: int) 
     prep = trained_preprocessing(model, tuner)
     vit = load_tuner(frozen_vit(model), tuner).eval()
     dataset = build_classification_dataset(data, split=split, resolution=prep["resolution"], mean=prep["image_mean"],
-                                           std=prep["image_std"])
+                                           std=prep["image_std"], crop=prep["resize_crop"])
     trained = [str(vit.config.id2label.get(label)) for label in range(vit.config.num_labels)]
     mismatch = class_mismatch(trained, dataset.classes, data)
     prefix, _, root = str(read_tuner_config(tuner).get("data") or "").partition(":")
@@ -256,8 +279,10 @@ def predictions(model: str, tuners: list[str], paths: list[Path], top_k: int, ba
     names = task_names(tuners)
     preps = [trained_preprocessing(model, tuner) for tuner in tuners]
     if any(prep != preps[0] for prep in preps):
-        raise UserError("these tuners were trained at different resolutions or normalisations: predict with each separately")
-    transform = ClassificationTransform(preps[0]["resolution"], preps[0]["image_mean"], preps[0]["image_std"])
+        raise UserError("these tuners were trained at different resolutions, normalisations or crops: predict with each "
+                        "separately")
+    transform = ClassificationTransform(preps[0]["resolution"], preps[0]["image_mean"], preps[0]["image_std"],
+                                        crop=preps[0]["resize_crop"])
     multi = MultiTask(frozen_vit(model), names)
     if multi.separate:
         notice(f"note: {len(multi.separate)} of {len(multi.tasks)} tuners are not bypass tuners "

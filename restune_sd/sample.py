@@ -19,7 +19,7 @@ import torch
 
 from restune_sd.bounds import MAX_RESOLUTION, MAX_SEED, check_bounds, require_resolution
 from restune_sd.errors import UserError
-from restune_sd.files import read_json, read_text, write_atomic, write_text_atomic, writing
+from restune_sd.files import read_json, read_text, warn, write_atomic, write_text_atomic, writing
 from restune_sd.runfolder import LOCK, FolderLock, main_process
 
 SCHEDULERS = ("ddim", "dpm", "pndm", "euler")
@@ -61,9 +61,7 @@ class SampleConfig:
         check_bounds(self, SAMPLE_BOUNDS)
         sources = sum(bool(s) for s in (self.prompts, self.prompts_file, self.coco))
         if sources != 1:
-            raise UserError("give prompts one way: --prompt (repeatable), --prompts-file, or --coco ROOT --num-images N")
-        if self.coco and not self.num_images:
-            raise UserError("--coco needs --num-images N (the first N val2017 images)")
+            raise UserError("give prompts one way: --prompt (repeatable), --prompts-file, or --coco ROOT [--num-images N]")
 
 
 SAMPLE_BOUNDS = {
@@ -85,9 +83,13 @@ def read_prompts(cfg: SampleConfig) -> tuple[list[str], list | None]:
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
     else:
         from restune_sd.datasets import coco_val_items
+        from restune_sd.evaluation.fid import FID_PROTOCOL_IMAGES, fewer_than_protocol
 
-        items = coco_val_items(cfg.coco, cfg.num_images, seed=cfg.seed)
+        items = coco_val_items(cfg.coco, cfg.num_images or FID_PROTOCOL_IMAGES, seed=cfg.seed,
+                               at_most=cfg.num_images is None)
         prompts = [c for _, c in items]
+        if len(items) < FID_PROTOCOL_IMAGES and main_process():
+            warn(fewer_than_protocol(len(items), "sampled from COCO2017 val"))
     if cfg.num_images and not cfg.coco:
         prompts = [prompts[i % len(prompts)] for i in range(cfg.num_images)]
     if not prompts:

@@ -78,6 +78,7 @@ FIELDS = {
     "image_mean": ("three numbers from -10 to 10", lambda v: is_three_numbers(v, -10, 10)),
     "image_std": ("three numbers from 0.0001 to 10", lambda v: is_three_numbers(v, 1e-4, 10)),
     "prediction_type": (f"one of {', '.join(PREDICTION_TYPES)}", lambda v: v in PREDICTION_TYPES),
+    "resize_crop": ("true or false", lambda v: isinstance(v, bool)),
 }
 
 

@@ -199,6 +199,9 @@ def test_cli_json(generated_vs_reference, images, weights):
     printed = json.loads(ran.stdout)
     assert set(printed) == {"fid", "num_generated", "num_reference"}
     assert printed["fid"] == pytest.approx(result["fid"], rel=1e-6)
+    # fewer images than the protocol's 5,000 is said in one line, on stderr, never in the JSON
+    said = [line for line in ran.stderr.splitlines() if "FID protocol" in line]
+    assert len(said) == 1 and f"{printed['num_generated']:,} images generated, fewer than the 5,000" in said[0]
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(images, weights, tmp_path):

@@ -143,6 +143,19 @@ def test_coco_captions_are_chosen_reproducibly_and_written_alongside(tiny, tmp_p
     assert [r["prompt"] for r in records] == [c["caption"] for c in chosen]
 
 
+def test_coco_without_num_images_samples_the_protocols_count_and_says_when_fewer(tiny, tmp_path):
+    from restune_sd.datasets import make_synthetic
+    from restune_sd.evaluation.fid import FID_PROTOCOL_IMAGES
+
+    assert FID_PROTOCOL_IMAGES == 5000  # docs/method.md §4: every COCO2017 val image, FID-5k
+    root = make_synthetic("coco", tmp_path / "coco", num_classes=2, images_per_class=3)
+    result = invoke("--model", tiny, "--coco", str(root), "--out", str(tmp_path / "out"), "--steps", "1")
+    chosen = (tmp_path / "out" / "coco_captions.jsonl").read_text().splitlines()
+    said = [line for line in result.stderr.splitlines() if "FID protocol" in line]
+    assert len(said) == 1 and f"{len(chosen)} images sampled from COCO2017 val, fewer than the 5,000" in said[0]
+    assert json.loads(result.stdout)["base"]["num_images"] == len(chosen) >= 1  # every captioned val image there is
+
+
 def test_two_processes_split_the_images_and_give_the_same_ones(tiny, tmp_path):
     import os
     import subprocess
