@@ -18,12 +18,13 @@ from pathlib import Path
 
 from restune_sd.evaluation.digits_vit import TRANSFER, prepare, tune
 
+# res-tuning-s1 (the ViT res-tuning preset before this study: every scale at its default)
 RES_TUNING = [dict(kind="res-adapter", site="ffn", dim=10), dict(kind="res-prefix", site="attn", dim=10),
               dict(kind="res-prompt", site="attn", dim=10)]
 
 
 def res_tuning(**changes) -> dict:
-    """The res-tuning preset's recipe with some fields of its three tuners changed (`adapter_scale=0.1`, ...)."""
+    """res-tuning-s1's recipe with some fields of its three tuners changed (`adapter_scale=0.1`, ...)."""
     tuners = [dict(t) for t in RES_TUNING]
     for key, value in changes.items():
         part, field = key.split("_", 1)
@@ -36,22 +37,25 @@ def res_tuning(**changes) -> dict:
 # group -> [(label, preset name or tuner config, settings that differ from the benchmark's recipe)]
 EXPERIMENTS = {
     "lr": [(f"{name} lr {lr:g}", name, {"learning_rate": lr})
-           for name in ("lora", "res-tuning", "adapter", "bypass") for lr in (3e-4, 1e-3, 3e-3, 1e-2)],
+           for name in ("lora", "res-tuning-s1", "adapter", "bypass") for lr in (3e-4, 1e-3, 3e-3, 1e-2)],
     "parts": [("res-adapter alone (ffn, L=10)", {"tuners": RES_TUNING[:1]}, {}),
               ("res-prefix alone (l=10)", {"tuners": RES_TUNING[1:2]}, {}),
               ("res-prompt alone (l=10)", {"tuners": RES_TUNING[2:]}, {}),
               ("res-adapter + res-prefix", {"tuners": RES_TUNING[:2]}, {})],
-    "scale": [("res-tuning, adapter s0 = 0.1", res_tuning(adapter_scale=0.1), {}),
-              ("res-tuning, adapter s0 = 4", res_tuning(adapter_scale=4.0), {}),
-              ("res-tuning, prompt s0 = 1", res_tuning(prompt_scale=1.0), {}),
-              ("res-tuning, prefix s0 = 0.1", res_tuning(prefix_scale=0.1), {})],
+    "scale": [("res-tuning-s1, adapter s0 = 0.1", res_tuning(adapter_scale=0.1), {}),
+              ("res-tuning-s1, adapter s0 = 4", res_tuning(adapter_scale=4.0), {}),
+              ("res-tuning-s1, prompt s0 = 1", res_tuning(prompt_scale=1.0), {}),
+              ("res-tuning-s1, prefix s0 = 0.1", res_tuning(prefix_scale=0.1), {})],
     "sites": [("res-adapter beside attn and ffn (L=10)", {"tuners": [dict(kind="res-adapter", site="attn", dim=10),
                                                                      RES_TUNING[0]]}, {}),
               ("res-adapter beside the block (L=10)", {"tuners": [dict(kind="res-adapter", site="block", dim=10)]}, {}),
               ("res-prefix l=10, exact split (gate lambda)", {"tuners": [dict(RES_TUNING[1], gate="lambda")]}, {})],
     "bypass": [("bypass, paper form", {"bypass": dict(bottleneck=10, form="paper")}, {}),
                ("bypass, L=32", {"bypass": dict(bottleneck=32)}, {})],
-    "epochs": [(f"{name} 90 epochs", name, {"epochs": 90}) for name in ("lora", "res-tuning")],
+    "scale-lr": [(f"res-tuning-s1, adapter s0 = 4 (the res-tuning preset), lr {lr:g}", res_tuning(adapter_scale=4.0), {"learning_rate": lr})
+                 for lr in (3e-3, 1e-2, 3e-2)],
+    "lr-high": [(f"{name} lr {lr:g}", name, {"learning_rate": lr}) for name in ("lora", "res-tuning-s1") for lr in (3e-2,)],
+    "epochs": [(f"{name} 90 epochs", name, {"epochs": 90}) for name in ("lora", "res-tuning-s1")],
 }
 
 
@@ -81,7 +85,9 @@ def markdown(rows: list[dict], command: str) -> str:
     lines = ["# Why Res-Tuning and Bypass trail LoRA on the digits transfer: one factor at a time", "",
              f"Made with `{command}`. Each row: top-1 % on the held-out 5-9 digits, mean ± sd over the seeds; every "
              f"setting not named is the benchmark's (lr {TRANSFER['learning_rate']:g}, {TRANSFER['epochs']} epochs, "
-             "batch 64, the presets' recipes).", ""]
+             "batch 64, the presets' recipes). WORK is the `vit` folder of a `restune-sd bench digits --part vit` run "
+             "(its backbone, data and preset runs are reused); res-tuning-s1 is the ViT res-tuning preset before this "
+             "study, res-tuning now starts its Res-Adapters' scale at 4.", ""]
     group = None
     for row in rows:
         if row["group"] != group:

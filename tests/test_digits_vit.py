@@ -89,3 +89,20 @@ def test_vit_folder_export_refuses_tuners_a_plain_vit_cannot_hold_and_existing_f
     assert (tmp_path / "taken" / "notes.txt").read_text() == "keep"
     result = runner.invoke(app, ["export", str(full / "tuner"), "--format", "vit-folder", "--output", str(tmp_path / "x")])
     assert result.exit_code == 0, result.output  # the run's model is found from its tuner folder too
+
+
+def test_vit_res_tuning_starts_its_adapters_at_scale_4_and_keeps_the_former_recipe_as_res_tuning_s1():
+    from restune_sd.config import preset
+    from restune_sd.inject import attach
+    from restune_sd.summary import parameter_summary
+    from conftest import tiny_vit, vit_inputs
+
+    new, old = preset("res-tuning", "vit"), preset("res-tuning-s1", "vit")
+    assert [t.scale for t in new.tuners] == [4.0, None, None] and [t.scale for t in old.tuners] == [None, None, None]
+    assert [(t.kind, t.site, t.dim) for t in new.tuners] == [(t.kind, t.site, t.dim) for t in old.tuners]
+    frozen = tiny_vit().eval()
+    with torch.no_grad():
+        expected = frozen.vit(pixel_values=vit_inputs()).last_hidden_state
+        tuned = attach(tiny_vit(), new).eval()
+        assert torch.allclose(tuned.vit(pixel_values=vit_inputs()).last_hidden_state, expected, atol=1e-6)  # zero branch
+    assert parameter_summary(tuned)["tuner_params"] == parameter_summary(attach(tiny_vit(), old))["tuner_params"]
