@@ -1,7 +1,9 @@
 """LoRA tuners as the files other tools read: diffusers' `pytorch_lora_weights.safetensors` and kohya's key format
 (sd-scripts, A1111, ComfyUI), or merged into the frozen weights; a fully tuned ViT classifier (`full`, `linear`) as a
-transformers model folder. Other tuner kinds have no foreign format."""
+transformers model folder, and a fully tuned UNet (`full`) inside a copy of its diffusers pipeline folder. Other tuner
+kinds have no foreign format."""
 
+import json
 import os
 import shutil
 from contextlib import contextmanager, suppress
@@ -17,7 +19,8 @@ from restune_sd.inject import unwrap
 from restune_sd.io import (CONFIG_FILE, LORA_FILE, WEIGHTS_FILE, find_tuner_dir, is_plain_unet_lora, lora_pairs,
                            plain_class, read_tuner_config, read_weights, write_diffusers_lora)
 
-FORMATS = ("kohya", "diffusers", "vit-folder")
+FORMATS = ("kohya", "diffusers", "vit-folder", "pipeline")
+MODEL_FOLDERS = ("vit-folder", "pipeline")  # formats that write a whole model folder, not a LoRA file
 
 
 def kohya_state(pairs: dict, alpha: float) -> dict[str, torch.Tensor]:
@@ -72,8 +75,8 @@ def export_lora(tuner, fmt: str, output, overwrite: bool = False) -> dict:
     """Write the LoRA tuner at `tuner` (a tuner folder or run directory) as a `fmt` file at `output`."""
     if fmt not in FORMATS:
         raise UserError(f"unknown --format {fmt!r}: use one of {', '.join(FORMATS)}")
-    if fmt == "vit-folder":
-        raise UserError("--format vit-folder writes a model folder: call export_vit_folder")
+    if fmt in MODEL_FOLDERS:
+        raise UserError(f"--format {fmt} writes a model folder: call export_vit_folder or export_pipeline")
     folder = find_tuner_dir(tuner)
     meta = read_tuner_config(folder)
     if not is_plain_unet_lora(meta):
@@ -138,7 +141,7 @@ def run_model(folder: Path) -> str:
     config = folder.parent / "config.json"
     model = read_json(config, "pass --model").get("model") if folder.name == "tuner" and config.is_file() else None
     if not isinstance(model, str):
-        raise UserError(f"{folder} is not inside a classify run that names its model: pass --model, the ViT it was tuned from")
+        raise UserError(f"{folder} is not inside a run that names its model: pass --model, the model it was tuned from")
     return model
 
 
@@ -162,10 +165,7 @@ def export_vit_folder(tuner, output, model: str | None = None, overwrite: bool =
     model = model or run_model(folder)
     output = Path(output)
     refuse_own_input(output, folder)
-    if output.exists() and not (output.is_dir() and not any(output.iterdir())):
-        if not (overwrite and (output / "config.json").is_file()):
-            raise UserError(f"{output} already exists: choose a new --output folder, or pass --overwrite to replace a "
-                            "model folder exported before")
+    refuse_taken_output(output, overwrite, "config.json")
     vit = load_tuner(frozen_vit(model), folder).eval()
     prep = trained_preprocessing(model, folder)
     vit.restune = None
@@ -186,3 +186,68 @@ def export_vit_folder(tuner, output, model: str | None = None, overwrite: bool =
             shutil.rmtree(staging, ignore_errors=True)
     return {"folder": str(output), "format": "vit-folder", "model": str(model), "tuner": str(folder),
             "num_labels": vit.config.num_labels, "resolution": side}
+
+
+def refuse_taken_output(output: Path, overwrite: bool, marker: str) -> None:
+    """A model folder is written only where nothing is, or, with `overwrite`, over a model folder (one holding `marker`)."""
+    if output.exists() and not (output.is_dir() and not any(output.iterdir())):
+        if not (overwrite and (output / marker).is_file()):
+            raise UserError(f"{output} already exists: choose a new --output folder, or pass --overwrite to replace a "
+                            "model folder exported before")
+
+
+def export_pipeline(tuner, output, model: str | None = None, overwrite: bool = False) -> dict:
+    """Write a UNet tuned whole (`full`) into a copy of its diffusers pipeline folder at `output`: every other part is
+    the base pipeline's, byte for byte, so `StableDiffusionPipeline.from_pretrained(output)` and `restune-sd train
+    --model OUTPUT` load the tuned model. The scheduler predicts what the tuner was trained to predict.
+
+    `model` is the local pipeline folder the tuner was trained on (default: the one its run's config.json names)."""
+    from restune_sd.io import read_fitting_tuner
+    from restune_sd.models import load_unet
+
+    folder = find_tuner_dir(tuner)
+    meta = read_tuner_config(folder)
+    tuning = meta["tuning"]
+    if meta["backbone"]["kind"] != "unet" or not tuning.get("full") or tuning.get("tuners") or tuning.get("lora"):
+        raise UserError(f"tuner {folder} ({tuning.get('name', 'custom')!r} {meta['backbone']['kind']} tuner) is not a UNet "
+                        "tuned whole: only `full` UNet tuners export as a pipeline folder (a LoRA: --format diffusers)")
+    model = Path(model or run_model(folder))
+    if not (model / "model_index.json").is_file():
+        raise UserError(f"--model {model} is not a local diffusers pipeline folder (model_index.json): export copies "
+                        "its parts, so pass the folder the tuner was trained on")
+    output = Path(output)
+    refuse_own_input(output, folder)
+    if output.resolve() == model.resolve() or output.resolve() in model.resolve().parents:
+        raise UserError(f"--output {output} is the pipeline folder export reads, or holds it: choose a new folder")
+    refuse_taken_output(output, overwrite, "model_index.json")
+    unet = load_unet(str(model))
+    read_fitting_tuner(folder, unet)  # its architecture is this UNet's
+    state = read_weights(folder, meta)
+    missing, unexpected = unet.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"tuner {folder} does not fit {model}'s UNet: {len(missing)} missing and {len(unexpected)} "
+                        f"unexpected weights (e.g. {(missing or unexpected)[0]})")
+    hint = "choose an --output where you can write"
+    with new_folder(output.parent, hint), writing(output, hint):
+        staging = staging_folder(output)
+        try:
+            for part in model.iterdir():
+                if part.name != "unet" and not part.name.startswith("."):
+                    (shutil.copytree if part.is_dir() else shutil.copy2)(part, staging / part.name)
+            unet.save_pretrained(staging / "unet", safe_serialization=True)
+            predicts = meta.get("prediction_type")
+            if predicts in ("epsilon", "v_prediction") and (staging / "scheduler" / "scheduler_config.json").is_file():
+                set_prediction_type(staging / "scheduler" / "scheduler_config.json", predicts)
+            if output.exists():
+                shutil.rmtree(output)
+            os.replace(staging, output)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return {"folder": str(output), "format": "pipeline", "model": str(model), "tuner": str(folder),
+            "unet_params": sum(p.numel() for p in unet.parameters()), "prediction_type": meta.get("prediction_type")}
+
+
+def set_prediction_type(path: Path, prediction_type: str) -> None:
+    config = json.loads(path.read_text())
+    if config.get("prediction_type") != prediction_type:
+        path.write_text(json.dumps({**config, "prediction_type": prediction_type}, indent=2) + "\n")

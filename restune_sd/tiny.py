@@ -83,10 +83,10 @@ def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
             pieces[n] = merged
 
 
-def _write_clip_vocabulary(folder: Path) -> None:
+def _write_clip_vocabulary(folder: Path, words: list[str]) -> None:
     """Write vocab.json and merges.txt in CLIP's layout: bytes, bytes + </w>, merged pieces, special tokens."""
     symbols = _byte_symbols()
-    merges = _learn_merges(CAPTION_WORDS)
+    merges = _learn_merges(words)
     tokens = symbols + [s + "</w>" for s in symbols] + [a + b for a, b in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     folder.mkdir(parents=True, exist_ok=True)
@@ -104,15 +104,18 @@ def _empty_target(path: str | Path) -> Path:
     return path
 
 
-def write_tiny_sd(path: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random SD v1.5-shaped pipeline (diffusers layout, safetensors) to `path` and return it."""
+def write_tiny_sd(path: str | Path, seed: int = 0, extra_words: tuple[str, ...] = (), max_length: int = 77) -> Path:
+    """Write a tiny random SD v1.5-shaped pipeline (diffusers layout, safetensors) to `path` and return it.
+
+    `extra_words` are learned whole by the tokenizer beside CAPTION_WORDS; `max_length` is the tokenizer's context
+    (SD's is 77: every prompt is padded to it)."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     path = _empty_target(path)
-    _write_clip_vocabulary(path / "tokenizer")
+    _write_clip_vocabulary(path / "tokenizer", CAPTION_WORDS + list(extra_words))
     # tokenizer_config.json records local_files_only: pinned so the bytes do not depend on HF_HUB_OFFLINE.
-    tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", model_max_length=77, local_files_only=True)
+    tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", model_max_length=max_length, local_files_only=True)
     text_config = CLIPTextConfig(**TINY_SD_TEXT, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     # fork_rng keeps the caller's global RNG untouched; the models draw their init from it in a fixed order.
