@@ -21,6 +21,7 @@ PROJECT = Recipe(1e-3, 1.0, "this project's default (the paper's own optimiser s
 # --clip-grad defaults to none). VPT's script sweeps lr over {5e-3, 1e-3}; 1e-3 is its single-run value here.
 VIT_RECIPES: dict[str, Recipe] = {
     "res-tuning": PROJECT,
+    "res-tuning-s1": PROJECT,
     "bypass": PROJECT,
     "prefix": PROJECT,
     "full": PROJECT,

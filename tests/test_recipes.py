@@ -16,6 +16,7 @@ from restune_sd.vtab import sweep_settings
 runner = CliRunner()
 # (learning rate, max grad norm) each preset's row was produced with; 0 is no clipping.
 EXPECTED = {"adapter": (5e-3, 0.0), "lora": (5e-3, 0.0), "prompt": (1e-3, 0.0), "res-tuning": (1e-3, 1.0),
+            "res-tuning-s1": (1e-3, 1.0),
             "bypass": (1e-3, 1.0), "prefix": (1e-3, 1.0), "full": (1e-3, 1.0), "linear": (1e-3, 1.0)}
 
 
