@@ -28,7 +28,7 @@ def bench(
     through_cli: Annotated[bool, typer.Option(help="SD: also measure each tuner through `restune-sd train` (text encoder, VAE, data)")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace results already in --output")] = False,
     part: Annotated[str, typer.Option(help="digits: vit, sd or vit,sd")] = "vit,sd",
-    seeds: Annotated[str, typer.Option(help="digits: comma-separated seeds; figures are their mean and spread")] = "0,1,2,3",
+    seeds: Annotated[str, typer.Option(help="digits: comma-separated seeds; figures are their mean and spread (the sd part uses the first two)")] = "0,1,2,3",
     quick: Annotated[bool, typer.Option(help="digits: a few steps of everything (checks the pipeline; figures mean nothing)")] = False,
 ):
     """Measure each tuner in a fresh process of its own, with ratios to LoRA and to full fine-tuning from the same run."""

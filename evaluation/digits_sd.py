@@ -54,6 +54,9 @@ def run(cfg, folder: Path) -> dict:
     if unknown:
         raise UserError(f"--tuners: {unknown[0]!r} is not a UNet preset; use some of {', '.join(preset_names('unet'))}")
     seeds = tuple(cfg.seeds[:SEEDS_USED])
+    if len(seeds) < len(cfg.seeds):
+        print(f"digits sd: uses the first {SEEDS_USED} seeds of --seeds ({','.join(map(str, seeds))}) to stay near "
+              "15 minutes on 2 cores", flush=True)
     prepare(folder, cfg.overwrite)
     started = time.time()
 
