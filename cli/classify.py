@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from restune_sd.cli.common import (
+    Ema, EmaDecay, EmaPower, EmaWarmup, Optimizer, OptimizerArgs,
     CheckpointEvery, GradientAccumulation, KeepCheckpoints, LrNumCycles, LrPower, LrScheduler, LrStepRules, MixedPrecision,
     NumWorkers, ReportTo, Resume, RunOutput, Seed, TensorBoardFlag, config_file, settings_of, user_errors,
 )
@@ -22,10 +23,11 @@ Epochs = Annotated[int, typer.Option(help="passes over the training split (VTAB-
 MaxSteps = Annotated[int | None, typer.Option(help="optimizer steps (overrides --epochs)")]
 BatchSize = Annotated[int, typer.Option(help="images per process per step (VTAB-1K: 64)")]
 LearningRate = Annotated[float | None, typer.Option(
-    help="AdamW learning rate (default: the preset's recipe, docs/method.md §4: 5e-3 adapter and lora, 1e-3 others)")]
+    help="learning rate (default: the preset's recipe, docs/method.md §4: 5e-3 adapter and lora, 1e-3 others; "
+         "with --optimizer prodigy, 1.0)")]
 RecipeGradNorm = Annotated[float | None, typer.Option(
     help="gradient clipping norm, 0: off (default: the preset's recipe: off for adapter, lora and prompt, 1.0 others)")]
-WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay (VTAB-1K: 1e-4)")]
+WeightDecay = Annotated[float, typer.Option(help="the optimizer's weight decay (VTAB-1K: 1e-4)")]
 WarmupEpochs = Annotated[int, typer.Option(help="linear warm-up epochs before the cosine decay")]
 
 
@@ -50,6 +52,12 @@ def train(
     gradient_accumulation: GradientAccumulation = 1,
     learning_rate: LearningRate = None,
     weight_decay: WeightDecay = 1e-4,
+    optimizer: Optimizer = "adamw",
+    optimizer_args: OptimizerArgs = None,
+    ema: Ema = False,
+    ema_decay: EmaDecay = 0.9999,
+    ema_warmup: EmaWarmup = False,
+    ema_power: EmaPower = 2 / 3,
     lr_scheduler: LrScheduler = "cosine",
     lr_num_cycles: LrNumCycles = 1,
     lr_power: LrPower = 1.0,

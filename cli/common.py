@@ -29,6 +29,15 @@ LrNumCycles = Annotated[int, typer.Option(help="cosine_with_restarts: number of 
 LrPower = Annotated[float, typer.Option(help="polynomial: the decay's power")]
 LrStepRules = Annotated[str | None, typer.Option(help="piecewise_constant: FACTOR:STEP,...,FACTOR, e.g. 1:1000,0.1:2000,0.01")]
 TensorBoardFlag = Annotated[bool, typer.Option(help="deprecated: the same as --report-to tensorboard, now the default")]
+Optimizer = Annotated[str, typer.Option(help="adamw, adamw8bit (bitsandbytes), prodigy (prodigyopt; use --learning-rate "
+                                             "1.0), adafactor (transformers, fixed --learning-rate), lion (lion-pytorch) "
+                                             "or sgd")]
+OptimizerArgs = Annotated[list[str] | None, typer.Option(
+    help="the optimizer's other arguments as KEY=VALUE, e.g. d_coef=2, betas=0.9,0.99, momentum=0.9; repeat for several")]
+Ema = Annotated[bool, typer.Option(help="keep an EMA of the trainable weights, saved as RUN_DIR/tuner-ema beside tuner/")]
+EmaDecay = Annotated[float, typer.Option(help="the EMA's decay, 0 to below 1 (diffusers' EMAModel ramps up to it)")]
+EmaWarmup = Annotated[bool, typer.Option(help="EMAModel's warm-up: decay 1 - (1 + step) ** -power, up to --ema-decay")]
+EmaPower = Annotated[float, typer.Option(help="the power of --ema-warmup's ramp (2/3 for long runs, 3/4 for shorter)")]
 
 
 def user_errors(command):
@@ -84,6 +93,8 @@ def config_file(config_class: str):
         for option in ctx.command.params:  # `validation-prompt: a cat` is one prompt, as the flag given once is
             if option.multiple and isinstance(settings.get(option.name), str):
                 settings[option.name] = [settings[option.name]]
+            if option.multiple and isinstance(settings.get(option.name), dict):  # optimizer_args: {d_coef: 2}
+                settings[option.name] = [f"{key}={value}" for key, value in settings[option.name].items()]
         flags = {p.name for p in ctx.command.params}
         ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in settings.items() if k in flags}}
         ctx.meta["config_extra"] = {k: v for k, v in settings.items() if k not in flags}

@@ -12,6 +12,7 @@ from restune_sd.datasets.finegrained import (
 from restune_sd.datasets.folder import read_metadata_folder
 from restune_sd.datasets.hf import read_hf
 from restune_sd.datasets.kohya import read_kohya_folder
+from restune_sd.datasets.tags import TagOptions
 from restune_sd.errors import UserError
 
 TRAIN_TEST = {"train": "train", "val": "test", "test": "test"}
@@ -43,8 +44,8 @@ REGISTRY = {
                           {"train": "train"}, read_class_folders, True),
     "folder": Layout("images + metadata.jsonl lines {\"file_name\", \"text\"} (Hugging Face imagefolder; train only)",
                      {"train": "train"}, read_metadata_folder, False),
-    "kohya": Layout("images with same-name .txt captions (--caption-extension); N_name sub-folders repeat their "
-                    "images N times (kohya sd-scripts; train only)", {"train": "train"}, read_kohya_folder, False,
+    "kohya": Layout("images with same-name .caption or .txt captions (--caption-extension); N_name sub-folders "
+                    "repeat their images N times (kohya sd-scripts; train only)", {"train": "train"}, read_kohya_folder, False,
                     ("caption_extension",)),
     "hf": Layout("a Hugging Face dataset folder from save_to_disk, or an imagefolder with metadata.jsonl/csv "
                  "(--image-column, --caption-column)", {"train": "train", "val": "validation", "test": "test"},
@@ -64,11 +65,13 @@ def check_caption_template(template: str) -> None:
 
 def build_dataset(spec: str, *, split: str = "train", resolution: int = 512, center_crop: bool = True,
                   random_flip: bool = False, caption_template: str = "a photo of a {}", seed: int = 0,
-                  caption_extension: str = ".txt", image_column: str = "image", caption_column: str = "text",
-                  caption_dropout: float = 0.0, bucket_sizes: list[tuple[int, int]] | None = None) -> CaptionDataset:
+                  caption_extension: str | None = None, image_column: str = "image", caption_column: str = "text",
+                  caption_dropout: float = 0.0, bucket_sizes: list[tuple[int, int]] | None = None,
+                  tags: TagOptions = TagOptions()) -> CaptionDataset:
     """The dataset named by `spec` (PREFIX:ROOT), checked on disk before anything is returned; see LAYOUTS.
 
-    `caption_extension` applies to kohya:, the columns to hf:; see CaptionDataset for the rest.
+    `caption_extension` applies to kohya: (None: .caption, else .txt), the columns to hf:; see CaptionDataset for the
+    rest.
     """
     options = {"caption_extension": caption_extension, "image_column": image_column, "caption_column": caption_column}
     prefix, colon, root = spec.partition(":")
@@ -90,4 +93,4 @@ def build_dataset(spec: str, *, split: str = "train", resolution: int = 512, cen
     if not items:
         raise UserError(f"{spec} has no images in its {split} split: check the data set's split files")
     return CaptionDataset(items, name=spec, resolution=resolution, center_crop=center_crop, random_flip=random_flip,
-                          seed=seed, caption_dropout=caption_dropout, bucket_sizes=bucket_sizes)
+                          seed=seed, caption_dropout=caption_dropout, bucket_sizes=bucket_sizes, tags=tags)

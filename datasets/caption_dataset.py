@@ -7,27 +7,29 @@ import torch
 
 from restune_sd.datasets.buckets import Buckets
 from restune_sd.datasets.image_files import ImageFiles, image_size, item_rng  # noqa: F401 (item_rng: coco.py imports it from here)
+from restune_sd.datasets.tags import TagOptions
 from restune_sd.datasets.transforms import TrainTransform
 
 
 class CaptionDataset(ImageFiles):
     """Items `{"pixel_values": [3, H, W] in [-1, 1], "caption": str, "index": int}`.
 
-    Which caption of several, the random crop offset, the flip and the caption dropout are a pure function of (seed,
-    epoch, index) and never touch global RNG state, so a resumed run draws exactly the same items. An image that fails
-    to decode is replaced by the next good index (the item's "index" says which one was returned, "skipped" how many
-    corrupt ones came before it) and counted in `num_corrupt`; with DataLoader workers each process keeps its own count.
+    Which caption of several, the random crop offset, the flip, the caption dropout and the tags' order and dropout
+    (`tags`, kohya's tag shuffling) are a pure function of (seed, epoch, index) and never touch global RNG state, so a
+    resumed run draws exactly the same items. An image that fails to decode is replaced by the next good index (the
+    item's "index" says which one was returned, "skipped" how many corrupt ones came before it) and counted in
+    `num_corrupt`; with DataLoader workers each process keeps its own count.
     Items are squares of `resolution` pixels, or with `bucket_sizes` crops to the bucket of the index asked for (so a
     replacement image still fits its batch); `buckets` says which.
     """
 
     def __init__(self, records: list[tuple[Path, list[str]]], *, name: str, resolution: int = 512,
                  center_crop: bool = True, random_flip: bool = False, seed: int = 0, caption_dropout: float = 0.0,
-                 bucket_sizes: list[tuple[int, int]] | None = None):
+                 bucket_sizes: list[tuple[int, int]] | None = None, tags: TagOptions = TagOptions()):
         super().__init__([path for path, _ in records], name=name, seed=seed)
         self._captions = [list(captions) for _, captions in records]
         self.transform = TrainTransform(resolution, center_crop, random_flip)
-        self.caption_dropout = caption_dropout
+        self.caption_dropout, self.tags = caption_dropout, tags
         self.buckets = None
         if bucket_sizes:
             sizes = {path: image_size(path) for path in dict.fromkeys(self.paths)}  # a repeated image is read once
@@ -58,5 +60,7 @@ class CaptionDataset(ImageFiles):
         pixels, flipped = self.transform.apply(image, rng, size)
         if self.caption_dropout and rng.random() < self.caption_dropout:
             caption = ""
+        elif self.tags.active:  # drawn after everything else, so runs without it draw what they drew before
+            caption = self.tags.apply(caption, rng)
         return {"pixel_values": pixels, "caption": caption, "index": current, "flipped": flipped,
                 "skipped": (current - index) % len(self)}

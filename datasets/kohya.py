@@ -1,5 +1,6 @@
 """Image folders in kohya sd-scripts' `--train_data_dir` layout: sub-folders named `N_name` whose images count N times
-per epoch, each image captioned by a same-name text file or else by the folder's `name`."""
+per epoch, each image captioned by a same-name caption file (.caption, kohya's default, or .txt) or else by the folder's
+`name`."""
 
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from restune_sd.files import warn
 
 MAX_REPEATS = 10_000  # kohya sets no bound; a larger N is a typo, and each repeat is an entry held in memory
 MAX_EPOCH_SAMPLES = 10_000_000  # about a gigabyte of (image, caption) entries
+# Without --caption-extension: kohya's default first, then the .txt that other trainers (and restune-sd before) read.
+CAPTION_EXTENSIONS = (".caption", ".txt")
 
 
 def folder_repeats(folder: Path) -> tuple[int, str] | None:
@@ -24,10 +27,11 @@ def folder_repeats(folder: Path) -> tuple[int, str] | None:
     return int(count), name.strip()
 
 
-def read_caption(image: Path, extension: str) -> str | None:
-    """The first line of the caption file beside `image` (kohya reads only that), or None when there is none."""
-    path = image.with_suffix(extension)
-    if not path.is_file():
+def read_caption(image: Path, extensions: tuple[str, ...]) -> str | None:
+    """The first line of the first caption file beside `image` with one of `extensions` (kohya reads only that line),
+    or None when there is none."""
+    path = next((p for p in (image.with_suffix(extension) for extension in extensions) if p.is_file()), None)
+    if path is None:
         return None
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -72,17 +76,21 @@ def repeated_folders(root: Path) -> list[tuple[Path, int, str, list[Path]]]:
     return folders
 
 
-def read_kohya_folder(root, split: str, caption_extension: str = ".txt") -> list[tuple[Path, list[str]]]:
+def read_kohya_folder(root, split: str, caption_extension: str | None = None) -> list[tuple[Path, list[str]]]:
     """Images in ROOT's `N_name` sub-folders (not deeper, as kohya), each listed once per repeat of its folder.
 
-    An image without a caption file is captioned with its folder's name, as kohya does, with one warning; a data set
+    Captions are read from `caption_extension` files, or without one from .caption files, else .txt. An image without
+    a caption file is captioned with its folder's name, as kohya does, with one warning line counting them; a data set
     where no image has a caption file nor a folder name to fall back on is refused (a wrong --caption-extension).
     """
-    root = require_root(root, "kohya", f"N_name sub-folders of images with {caption_extension} caption files")
-    records, uncaptioned = [], []
+    extensions = (caption_extension,) if caption_extension else CAPTION_EXTENSIONS
+    described = " or ".join(extensions)
+    root = require_root(root, "kohya", f"N_name sub-folders of images with {described} caption files")
+    records, uncaptioned, seen = [], [], 0
     for folder, repeats, name, images in repeated_folders(root):
+        seen += len(images)
         for image in images:
-            caption = read_caption(image, caption_extension)
+            caption = read_caption(image, extensions)
             if caption is None:
                 uncaptioned.append(image)
             records += [(image, [name if caption is None else caption])] * repeats
@@ -90,9 +98,10 @@ def read_kohya_folder(root, split: str, caption_extension: str = ".txt") -> list
         raise UserError(f"kohya: no images ({', '.join(IMAGE_SUFFIXES)}) in the N_name sub-folders of {root}: kohya "
                         f"reads images only from sub-folders named N_name (N repeats per epoch), e.g. {root / '10_dog'}")
     if uncaptioned and all(caption == [""] for _, caption in records):
-        raise UserError(f"kohya: no image in {root} has a {caption_extension} caption file (first: {uncaptioned[0]}) "
-                        "or a name after N_ in its folder's: pass --caption-extension to match yours (e.g. .caption)")
+        raise UserError(f"kohya: no image in {root} has a {described} caption file (first: {uncaptioned[0]}) "
+                        "or a name after N_ in its folder's: pass --caption-extension with your caption files' "
+                        "extension")
     if uncaptioned:
-        warn(f"kohya: {count(uncaptioned, 'image')} without a {caption_extension} caption file (first: "
+        warn(f"kohya: {count(uncaptioned, 'image')} of {seen} without a {described} caption file (first: "
              f"{uncaptioned[0]}): each is captioned with its folder's name after N_, as kohya does")
     return records

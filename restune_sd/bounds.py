@@ -8,6 +8,9 @@ from restune_sd.errors import UserError
 MAX_RESOLUTION = 4096
 # Seeds stay within a signed 64-bit integer, which torch's generators (and JSON readers) take as they are.
 MAX_SEED = 2**63 - 1
+# Far above what anyone samples with (SD's usual guidance is 5-15) and far below values that overflow to NaN images.
+MAX_GUIDANCE = 100
+MAX_SAMPLING_STEPS = 1000  # a scheduler's training timesteps: no sampler takes more
 
 
 def require_number(name: str, value, *, minimum=None, above=None, maximum=None, integer: bool = False):

@@ -113,13 +113,16 @@ class Bypass(nn.Module):
     grad back on and the ladder's output substituted at `target`'s input.
 
     `select` picks what the ladder runs on (ViT classifiers: the class token alone, since the ladder works token
-    by token and the head reads only that token); the substituted feature is what it returns.
+    by token and the head reads only that token); the substituted feature is what it returns. A stacked bypass
+    (restune_sd.stacking; UNet only) has a `strength` w and instead adds w times its contribution, `ladder - x_L`, to
+    the target's input, so several bypasses add up; alone at w = 1 its output is the ladder's, as unstacked.
     """
 
     def __init__(self, ladder: BypassLadder, select=None):
         super().__init__()
         self.ladder = ladder
         self._tap = Tap(select)
+        self.strength = None  # None: replace the target's input (unstacked); a number: a stacked bypass's weight
         self._grad_was = []
         self._handles = []
 
@@ -150,7 +153,11 @@ class Bypass(nn.Module):
         if not self._grad_was:  # the target called on its own, outside a backbone forward
             return None
         torch.set_grad_enabled(self._grad_was[-1])
-        return (self.ladder(*self._tap.take()), *args[1:])
+        root, stems = self._tap.take()
+        out = self.ladder(root, stems)
+        if self.strength is None or (self.strength == 1.0 and args[0] is stems[-1]):  # nothing added before it
+            return (out, *args[1:])
+        return (args[0] + self.strength * (out - stems[-1]), *args[1:])
 
     def _leave(self, module, args, output):
         torch.set_grad_enabled(self._grad_was.pop())

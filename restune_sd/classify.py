@@ -52,6 +52,8 @@ class ClassifyConfig(RunConfig):
                               "resolution": {**WHOLE, "minimum": 1, "maximum": MAX_RESOLUTION, "optional": True}}
 
     def __post_init__(self):
+        if self.optimizer == "prodigy" and self.learning_rate is None:
+            self.learning_rate = 1.0  # Prodigy multiplies its own step-size estimate by it: 1.0 is its recipe
         fill_recipe(self)  # before the bounds are checked: the settings left out take the preset's recipe
         if self.random_flip is None:
             self.random_flip = protocol_crops(self.data)

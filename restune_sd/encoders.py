@@ -62,11 +62,35 @@ def caption_key(caption: str) -> str:
     return hashlib.sha256(caption.encode()).hexdigest()[:32]
 
 
-class Encoders:
-    """The frozen VAE and text encoder; latents and text embeddings come from their caches where these hold them."""
+def text_embeddings(text_encoder, input_ids: torch.Tensor, clip_skip: int = 0) -> torch.Tensor:
+    """The text encoder's last hidden state, or with `clip_skip` N the hidden state N layers before it through the
+    final layer norm, as diffusers' StableDiffusionPipeline.encode_prompt(..., clip_skip=N) computes it."""
+    if not clip_skip:
+        return text_encoder(input_ids)[0]
+    hidden = text_encoder(input_ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+    # transformers 5.6 moved CLIPTextModel's layers up from its `text_model` (which diffusers 0.42 still reads).
+    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
 
-    def __init__(self, comps, dtype, latents: Path | None = None, texts: Path | None = None):
-        self.comps, self.dtype = comps, dtype
+
+def long_captions(captions, tokenizer) -> str | None:
+    """One line counting the distinct captions longer than the text encoder's context (77 tokens for SD's CLIP, start
+    and end tokens included), which it cuts; None when there are none."""
+    distinct = list(dict.fromkeys(captions))
+    limit = tokenizer.model_max_length
+    lengths = [len(ids) for ids in tokenizer(distinct, truncation=False, verbose=False).input_ids] if distinct else []
+    long = [caption for caption, length in zip(distinct, lengths) if length > limit]
+    if not long:
+        return None
+    return (f"{len(long)} of {len(distinct)} distinct captions are longer than the text encoder's {limit} tokens and "
+            f"are cut there (the first: {long[0][:60]!r}...): shorten them, or put what matters first")
+
+
+class Encoders:
+    """The frozen VAE and text encoder; latents and text embeddings come from their caches where these hold them.
+    Text embeddings are taken `clip_skip` layers before the text encoder's last (see text_embeddings)."""
+
+    def __init__(self, comps, dtype, latents: Path | None = None, texts: Path | None = None, clip_skip: int = 0):
+        self.comps, self.dtype, self.clip_skip = comps, dtype, clip_skip
         self.latents = TensorFiles(latents) if latents else None
         self.texts = TensorFiles(texts) if texts else None
 
@@ -78,7 +102,8 @@ class Encoders:
         if missing:
             tokens = self.comps.tokenizer(missing, padding="max_length", truncation=True,
                                           max_length=self.comps.tokenizer.model_max_length, return_tensors="pt")
-            for caption, embedding in zip(missing, self.comps.text_encoder(tokens.input_ids.to(device))[0]):
+            embeddings = text_embeddings(self.comps.text_encoder, tokens.input_ids.to(device), self.clip_skip)
+            for caption, embedding in zip(missing, embeddings):
                 found[caption] = embedding
                 if self.texts:
                     self.texts.put(caption_key(caption), {"embedding": embedding})

@@ -30,6 +30,7 @@ class Tuned:
     config: TuningConfig
     param_names: list[str] = field(default_factory=list)  # trainable tuner parameters, the head excluded
     head_names: list[str] = field(default_factory=list)
+    stack: list = field(default_factory=list)  # (tuner, weight) of every tuner stacked on it (restune_sd.stacking)
 
 
 def is_tuner_param(name: str) -> bool:
@@ -138,26 +139,26 @@ def vit_ladder(model, spec) -> BypassLadder:
     return BypassLadder(width, [width] * len(model.vit.layers), spec)
 
 
-def _attach_bypass(kind: str, model, spec) -> None:
+def _attach_bypass(kind: str, model, spec, name: str = "restune_bypass") -> None:
     if kind == "vit":
         layers = list(model.vit.layers)
         bypass = Bypass(vit_ladder(model, spec), select=class_token)
-        model.restune_bypass = bypass.attach(model.vit, layers[0], layers, model.vit.layernorm)
+        setattr(model, name, bypass.attach(model.vit, layers[0], layers, model.vit.layernorm))
         return
     stems = [model.mid_block, *model.up_blocks]
     widths = [model.config.block_out_channels[-1]]
     widths += [block.resnets[-1].out_channels for block in model.up_blocks]
     ladder = BypassLadder(model.config.block_out_channels[-1], widths, spec)
-    model.restune_bypass = Bypass(ladder).attach(model, model.mid_block, stems, model.conv_norm_out)
+    setattr(model, name, Bypass(ladder).attach(model, model.mid_block, stems, model.conv_norm_out))
 
 
-def _attach_lora(kind: str, model, spec) -> None:
+def _attach_lora(kind: str, model, spec, adapter_name: str = "default") -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
     targets = spec.targets or LORA_TARGETS[kind]
     lora = LoraConfig(r=spec.rank, lora_alpha=spec.alpha or spec.rank, target_modules=targets, init_lora_weights=True)
     try:
-        inject_adapter_in_model(lora, model)
+        inject_adapter_in_model(lora, model, adapter_name=adapter_name)
     except ValueError as error:
         raise UserError(f"LoRA targets {targets} match no module of this {kind}: {str(error).splitlines()[0]}") from None
 
@@ -168,21 +169,8 @@ def attach(model, config: TuningConfig):
     kind = backbone_kind(model)
     if getattr(model, "restune", None) is not None:
         raise UserError("this model already carries a restune tuner: load a fresh backbone to attach another")
-    device = next(model.parameters()).device
     model.requires_grad_(False)
-
-    blocks = transformer_blocks(model, kind)
-    for spec in config.tuners:
-        for name, block in match_blocks(blocks, spec.blocks).items():
-            if spec.kind in ("res-adapter", "adapter"):
-                _add_adapters(kind, block, spec, _width(kind, block))
-            else:
-                _add_tokens(kind, model, name, block, spec)
-    if config.lora:
-        _attach_lora(kind, model, config.lora)
-    if config.bypass:
-        _attach_bypass(kind, model, config.bypass)
-    model.to(device)
+    add_tuners(model, kind, config)
 
     params = dict(model.named_parameters())
     if config.full:
@@ -196,3 +184,21 @@ def attach(model, config: TuningConfig):
         raise UserError(f"tuner config {config.name!r} trains no parameter: add tuners, lora, bypass, full or train_head")
     model.restune = Tuned(kind, config, tuner_names, head_names)
     return model
+
+
+def add_tuners(model, kind: str, config: TuningConfig, lora_name: str = "default", bypass_name: str = "restune_bypass"):
+    """Build `config`'s tuners into `model` beside any it has: adapters join their sites' lists, prefix/prompt tokens
+    their attention's processor, the LoRA is PEFT adapter `lora_name`, the bypass the child `bypass_name`."""
+    device = next(model.parameters()).device
+    blocks = transformer_blocks(model, kind)
+    for spec in config.tuners:
+        for name, block in match_blocks(blocks, spec.blocks).items():
+            if spec.kind in ("res-adapter", "adapter"):
+                _add_adapters(kind, block, spec, _width(kind, block))
+            else:
+                _add_tokens(kind, model, name, block, spec)
+    if config.lora:
+        _attach_lora(kind, model, config.lora, lora_name)
+    if config.bypass:
+        _attach_bypass(kind, model, config.bypass, bypass_name)
+    model.to(device)

@@ -53,6 +53,8 @@ def save_tuner(model, path, extra: dict | None = None) -> Path:
     model = unwrap(model)
     if getattr(model, "restune", None) is None:
         raise UserError("this model carries no restune tuner: attach one with restune_sd.attach or load_tuner first")
+    if model.restune.stack:
+        raise UserError("this model carries a stack of tuners, which is no one tuner to save: save each tuner on its own")
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UserError(f"{path} already holds files: choose a new folder (nothing is overwritten)")
@@ -233,17 +235,31 @@ def load_tuner(model, path):
     pipeline returned) or a transformers ViTForImageClassification.
     """
     backbone = unwrap(model)
-    kind = backbone_kind(backbone)
     folder, meta = read_fitting_tuner(path, backbone)
     if "head" in meta:
         _resize_head(backbone, meta["head"])
+    state = read_tuner_weights(folder, meta)
+    attach(backbone, TuningConfig.from_dict(meta["tuning"]))
+    copy_weights(backbone, folder, meta, state, set(backbone.restune.param_names + backbone.restune.head_names))
+    mark_tuned(backbone)
+    mark_tuned(model)
+    return model
+
+
+def read_tuner_weights(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """A tuner's checked tensors; a bypass of restune-sd 0.1 is refused (its weights mean another ladder)."""
     state = read_weights(folder, meta)
     if meta["format"] == FORMAT_1 and meta["tuning"].get("bypass"):
         raise UserError(f"tuner {folder} is a bypass saved by restune-sd 0.1, whose ladder passed nothing between its "
                         "stages; this version's ladder is another function of those weights: train the tuner again")
-    attach(backbone, TuningConfig.from_dict(meta["tuning"]))
+    return state
+
+
+def copy_weights(backbone, folder: Path, meta: dict, state: dict[str, torch.Tensor], expected: set[str]) -> None:
+    """Copy a tuner's tensors (named as `backbone` names them) into the parameters `expected` names, which they must
+    match one for one and shape for shape."""
+    kind = backbone_kind(backbone)
     params = dict(backbone.named_parameters())
-    expected = set(backbone.restune.param_names + backbone.restune.head_names)
     if meta["format"] == FORMAT_1:
         state = {name: tensor for name, tensor in state.items() if name in expected or not name.endswith(".scale")}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -254,6 +270,3 @@ def load_tuner(model, path):
             if params[name].shape != tensor.shape:
                 raise UserError(f"tuner {folder} does not fit this {kind}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(params[name].shape)}")
             params[name].copy_(tensor)
-    mark_tuned(backbone)
-    mark_tuned(model)
-    return model

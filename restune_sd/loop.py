@@ -1,11 +1,11 @@
 """The training scaffold that `restune-sd train` (diffusion) and `restune-sd classify train` share.
 
 A job brings its model with the tuner attached, its data and its loss (`Job`); `fit` does the rest: accelerate,
-AdamW and the schedule, the step loop with metrics, progress, checkpoints, the NaN stop and the weights check, the
-final tuner and the results. The run folder's life (lock, take-over, checkpoints) is runfolder.py's, the settings
-runconfig.py's and the sample stream streams.py's. Every random draw is a pure function of
-the seed, the step and the sample's position in the global batch, so a resumed run and a run split over N
-processes see the same numbers as one uninterrupted process with the combined batch.
+the optimizer (optimizers.py), the schedule and the EMA (ema.py), the step loop with metrics, progress, checkpoints,
+the NaN stop and the weights check, the final tuner and the results. The run folder's life (lock, take-over,
+checkpoints) is runfolder.py's, the settings runconfig.py's and the sample stream streams.py's. Every random draw is
+a pure function of the seed, the step and the sample's position in the global batch, so a resumed run and a run split
+over N processes see the same numbers as one uninterrupted process with the combined batch.
 """
 
 import dataclasses
@@ -22,8 +22,10 @@ import numpy as np
 import torch
 
 from restune_sd.config import TuningConfig, resolve_tuner
+from restune_sd.ema import TunerEMA, ema_folder
 from restune_sd.errors import UserError
 from restune_sd.files import warn, write_text_atomic, writing
+from restune_sd.optimizers import build_optimizer, require_optimizer
 from restune_sd.runconfig import (PROJECT, WHOLE, RunConfig, lr_schedule, require_trackers,  # noqa: F401 (WHOLE: jobs)
                                   resumed_config, settings_given, tracker_config)
 from restune_sd.runfolder import (FolderLock, RunPlan, checkpoint_state, clear_stale, disk_hint, finished_results,
@@ -87,6 +89,7 @@ class Session:
     device: torch.device
     dtype: torch.dtype
     run: Path
+    ema: TunerEMA | None = None  # the trainable weights' moving average (--ema), set once the optimizer is built
 
     def log(self, values: dict, step: int) -> None:
         """Scalars to every --report-to tracker (main process; nothing with --report-to none)."""
@@ -124,6 +127,7 @@ def start(cfg: RunConfig, backbone: str, early_files: tuple[str, ...], given: se
                                                                   logging_dir=str(plan.run / "tensorboard")))
     if cfg.mixed_precision == "fp16" and accelerator.device.type != "cuda":
         raise UserError("--mixed-precision fp16 needs a CUDA GPU: use no or bf16 on CPU")
+    require_optimizer(cfg, accelerator.device, accelerator.is_main_process)
     require_writable(plan.run)
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
     return plan, Session(cfg, tuning, accelerator, accelerator.device, dtype, plan.run)
@@ -158,8 +162,8 @@ def run_job(cfg: RunConfig, backbone: str, build: Callable[[Session], Job], give
     model = job.model
     keep_trainables_fp32(model, session.tuning, session.dtype)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
-                                  eps=cfg.adam_epsilon)
+    optimizer = build_optimizer(params, cfg)
+    session.ema = TunerEMA(params, cfg) if cfg.ema else None
     global_batch = cfg.batch_size * accelerator.num_processes
     stream = sample_stream(job.dataset, cfg.seed, global_batch * cfg.gradient_accumulation)
     steps_per_epoch = max(1, stream.epoch_size // (global_batch * cfg.gradient_accumulation))
@@ -170,7 +174,7 @@ def run_job(cfg: RunConfig, backbone: str, build: Callable[[Session], Job], give
              "rate never reaches --learning-rate: lower --warmup-steps (or --warmup-epochs) or raise --max-steps")
     scheduler = lr_schedule(optimizer, cfg, total_steps, warmup)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
-    first = restore(plan, model, optimizer, scheduler)
+    first = restore(plan, model, optimizer, scheduler, session.ema)
     if first > total_steps or (first == total_steps and finished_results(plan.run, total_steps)):
         raise UserError(f"--resume: the run already finished at step {first} of {total_steps}; raise --max-steps to go on")
     summary = parameter_summary(job.model)
@@ -193,9 +197,9 @@ def run_job(cfg: RunConfig, backbone: str, build: Callable[[Session], Job], give
             tracker.finish()
 
 
-def restore(plan: RunPlan, model, optimizer, scheduler) -> int:
-    """Load a checkpoint's tuner weights (first: restoring only the optimizer is a known bug), optimizer, schedule
-    and RNGs; the step it resumes at (0 for a fresh run)."""
+def restore(plan: RunPlan, model, optimizer, scheduler, ema: TunerEMA | None) -> int:
+    """Load a checkpoint's tuner weights (first: restoring only the optimizer is a known bug), optimizer, schedule,
+    EMA and RNGs; the step it resumes at (0 for a fresh run)."""
     if plan.state is None:
         return 0
     current = dict(model.named_parameters())
@@ -209,6 +213,8 @@ def restore(plan: RunPlan, model, optimizer, scheduler) -> int:
             current[name].copy_(tensor)
     optimizer.load_state_dict(plan.state["optimizer"])
     scheduler.load_state_dict(plan.state["scheduler"])
+    if ema:
+        ema.load_state_dict(plan.state.get("ema"), plan.checkpoint)
     set_rng_state(plan.state["rng"])
     return plan.state["step"]
 
@@ -233,7 +239,8 @@ def open_run(plan: RunPlan, session: Session, job: Job, total_steps: int) -> Non
 
 
 def steps(plan, session, job, wrapped, params, optimizer, scheduler, loader, first: int, total_steps: int):
-    """The step loop: micro-batches, backward, clipping, AdamW, the schedule; metrics, progress, checkpoints, NaN stop."""
+    """The step loop: micro-batches, backward, clipping, the optimizer, the EMA, the schedule; metrics, progress,
+    checkpoints, NaN stop."""
     from tqdm.auto import tqdm
 
     cfg, accelerator, run = session.cfg, session.accelerator, plan.run
@@ -266,6 +273,8 @@ def steps(plan, session, job, wrapped, params, optimizer, scheduler, loader, fir
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 step_loss += accelerator.reduce(loss.detach(), reduction="mean").item() / cfg.gradient_accumulation
+            if session.ema:
+                session.ema.step()
             learning_rate = scheduler.get_last_lr()[0]  # the rate this step's update used
             scheduler.step()
             stop_on_nan(step_loss, step, first, last_checkpoint)
@@ -277,9 +286,9 @@ def steps(plan, session, job, wrapped, params, optimizer, scheduler, loader, fir
             if accelerator.is_main_process:
                 if saving:
                     state = checkpoint_state(step + 1, tuner_state_dict(job.model), optimizer, scheduler, cfg,
-                                             session.tuning, plan.run_id, entry)
+                                             session.tuning, plan.run_id, entry, session.ema)
                     last_checkpoint = save_checkpoint(run, step + 1, state, job.model, cfg.keep_checkpoints,
-                                                      last_checkpoint, {"data": cfg.data, **job.tuner_extra})
+                                                      last_checkpoint, {"data": cfg.data, **job.tuner_extra}, session.ema)
                 entry = end_step(session, job, entry, last_checkpoint, step + 1 == total_steps)
                 progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{entry['lr']:.2e}")
                 progress.update(1)
@@ -302,18 +311,20 @@ def end_step(session: Session, job: Job, entry: dict, last_checkpoint: Path | No
 
 
 def require_sound_weights(session: Session, job: Job, params, batch: dict, step: int, last_checkpoint) -> None:
-    """Before a checkpoint or the final save, on every process: the trainable weights are finite and give a finite loss
-    on the step's last micro-batch (one huge update can leave finite weights whose output overflows)."""
+    """Before a checkpoint or the final save, on every process: the trainable weights and their EMA are finite, and the
+    weights give a finite loss on the step's last micro-batch (one huge update can leave finite weights whose output
+    overflows)."""
     accelerator = session.accelerator
-    sound = all(bool(torch.isfinite(p).all()) for p in params)
+    sound = all(bool(torch.isfinite(p).all()) for p in params) and (session.ema is None or session.ema.finite())
     if sound:  # the unwrapped model: a distributed wrapper's forward on one rank alone could wait for the others
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices), accelerator.autocast():
             sound = bool(torch.isfinite(job.loss(job.model, batch, step)).all())
     if accelerator.reduce(torch.tensor(float(not sound), device=session.device), reduction="sum").item():
         kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
-        raise UserError(f"the trainable weights diverged by step {step + 1} (non-finite weights, or a non-finite loss "
-                        f"with them); stopped without saving them ({kept}). Lower --learning-rate or use bf16/fp32")
+        raise UserError(f"the trainable weights diverged by step {step + 1} (non-finite weights or EMA weights, or a "
+                        f"non-finite loss with them); stopped without saving them ({kept}). Lower --learning-rate or "
+                        "use bf16/fp32")
 
 
 def stop_on_nan(step_loss: float, step: int, first: int, last_checkpoint: Path | None) -> None:
@@ -340,7 +351,8 @@ def finish(plan, session, job, history, last_checkpoint, corrupt, total_steps: i
             warn(summary_line)
         hint = disk_hint(last_checkpoint)
         tuner_dir = run / "tuner"  # a resumed run replaces the final tuner of its earlier, shorter end
-        write_tuner(job.model, tuner_dir, {"trained_steps": total_steps, "data": cfg.data, **job.tuner_extra}, hint)
+        write_tuner(job.model, tuner_dir, {"trained_steps": total_steps, "data": cfg.data, **job.tuner_extra}, hint,
+                    session.ema)
         with writing(run / "loss.png", hint):
             loss_curve_png([h["step"] for h in history], [h.get("loss", math.nan) for h in history], run / "loss.png")
         timed = [h["seconds_per_step"] for h in history[1:] if "seconds_per_step" in h] or [
@@ -351,6 +363,7 @@ def finish(plan, session, job, history, last_checkpoint, corrupt, total_steps: i
             "seconds_per_step": sum(timed) / max(1, len(timed)),
             "peak_memory_mb": max((h.get("peak_memory_mb", 0.0) for h in history), default=0.0),
             "wall_seconds": seconds, "tuner_dir": str(tuner_dir), "num_processes": accelerator.num_processes, **job.record,
+            **({"ema_tuner_dir": str(ema_folder(tuner_dir))} if session.ema else {}),
         }
         if job.finish:
             results.update(job.finish(job.model))

@@ -236,6 +236,15 @@ def vae_factor(model: str, config: str | None = None) -> int | None:
         return None
 
 
+def text_encoder_layers(model: str, config: str | None = None) -> int | None:
+    """A local pipeline's text encoder depth (12 for SD v1.5's CLIP), read from its config; None if it cannot be read."""
+    try:
+        text = json.loads((config_folder(model, config) / "text_encoder" / "config.json").read_text())
+        return int(text["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def pipeline_resolution(model: str, config: str | None = None) -> int | None:
     """A local pipeline's own image size, read from its configs; None if it is not a local folder."""
     path = config_folder(model, config)

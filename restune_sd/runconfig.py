@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import ClassVar
 
 from restune_sd.bounds import MAX_SEED, check_bounds, require_number
+from restune_sd.ema import check_ema_settings
 from restune_sd.errors import UserError
+from restune_sd.optimizers import check_optimizer_settings
 
 # diffusers.optimization.get_scheduler's schedules (checked here without importing diffusers).
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
@@ -38,6 +40,13 @@ class RunConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
+    optimizer: str = field(default="adamw", metadata={"help": "adamw, adamw8bit, prodigy, adafactor, lion or sgd"})
+    optimizer_args: dict | None = field(default=None, metadata={"help": "the optimizer's other keyword arguments, "
+                                                                        "KEY=VALUE strings or a mapping"})
+    ema: bool = field(default=False, metadata={"help": "keep an EMA of the trainable weights, saved as RUN/tuner-ema"})
+    ema_decay: float = field(default=0.9999, metadata={"help": "the EMA's decay, 0 to below 1"})
+    ema_warmup: bool = field(default=False, metadata={"help": "EMAModel's use_ema_warmup: decay 1 - (1 + step) ** -power"})
+    ema_power: float = field(default=2 / 3, metadata={"help": "the power of --ema-warmup's ramp"})
     lr_scheduler: str = "constant"
     warmup_steps: int = 0
     lr_num_cycles: int = 1
@@ -88,6 +97,8 @@ class RunConfig:
         if self.tensorboard:  # the older flag, folded in so config.json records one setting
             self.report_to, self.tensorboard = "all" if self.report_to in ("wandb", "all") else "tensorboard", False
         check_bounds(self, self.BOUNDS)
+        check_optimizer_settings(self)
+        check_ema_settings(self)
         if len(self.adam_betas) != 2:
             raise UserError(f"adam_betas must be two numbers, not {self.adam_betas!r}")
         for beta in self.adam_betas:

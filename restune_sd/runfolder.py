@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from restune_sd.ema import ema_folder
 from restune_sd.errors import UserError
 from restune_sd.files import warn, write_atomic, write_text_atomic, writing
 
@@ -323,10 +324,12 @@ def disk_hint(last_checkpoint: Path | None) -> str:
     return "free some space and run again (the run wrote no checkpoint yet)"
 
 
-def save_checkpoint(run: Path, step: int, state: dict, model, keep: int, last: Path | None, tuner_extra: dict) -> Path:
+def save_checkpoint(run: Path, step: int, state: dict, model, keep: int, last: Path | None, tuner_extra: dict,
+                    ema=None) -> Path:
     """A resumable checkpoint `step-XXXXXXXX.pt` (its SHA-256 in a `.sha256` file written before it takes its name, so
     a file under that name always has a checksum to match) and beside it the tuner as a folder `sample --tuner` loads
-    (`step-XXXXXXXX-tuner/`); then the older checkpoints beyond the newest `keep` usable ones are deleted."""
+    (`step-XXXXXXXX-tuner/`, with an EMA also `step-XXXXXXXX-tuner-ema/`); then the older checkpoints beyond the
+    newest `keep` usable ones are deleted."""
     folder = run / CHECKPOINTS
     path = folder / f"step-{step:08d}.pt"
     hint = disk_hint(last)
@@ -338,7 +341,7 @@ def save_checkpoint(run: Path, step: int, state: dict, model, keep: int, last: P
         write_text_atomic(checksum_path(path), sha256_file(tmp) + "\n", hint)
 
     write_atomic(path, save_with_checksum, hint)
-    write_tuner(model, checkpoint_tuner(path), {"trained_steps": step, **tuner_extra}, hint)
+    write_tuner(model, checkpoint_tuner(path), {"trained_steps": step, **tuner_extra}, hint, ema)
     rotate(folder, path, keep)
     return path
 
@@ -359,6 +362,7 @@ def rotate(folder: Path, newest: Path, keep: int) -> None:
         path.unlink()
         checksum_path(path).unlink(missing_ok=True)
         shutil.rmtree(checkpoint_tuner(path), ignore_errors=True)
+        shutil.rmtree(ema_folder(checkpoint_tuner(path)), ignore_errors=True)
 
 
 def checkpoint_tuner(checkpoint: Path) -> Path:
@@ -366,15 +370,22 @@ def checkpoint_tuner(checkpoint: Path) -> Path:
     return checkpoint.with_name(f"{checkpoint.stem}-tuner")
 
 
-def write_tuner(model, folder: Path, extra: dict, hint: str) -> None:
-    """The tuner as `load_tuner` and `sample --tuner` read it, written whole; an earlier one there (a resumed run
-    passing the same step again) is replaced."""
+def write_tuner(model, folder: Path, extra: dict, hint: str, ema=None) -> None:
+    """The tuner as `load_tuner` and `sample --tuner` read it, written whole, and with an `ema` (restune_sd.ema) its
+    averaged weights as a tuner of the same format in FOLDER-ema; an earlier one there (a resumed run passing the same
+    step again) is replaced."""
     from restune_sd.io import save_tuner
 
-    if folder.exists():
-        shutil.rmtree(folder)
-    with writing(folder, hint):
-        save_tuner(model, folder, extra=extra)
+    def write(target: Path) -> None:
+        if target.exists():
+            shutil.rmtree(target)
+        with writing(target, hint):
+            save_tuner(model, target, extra=extra)
+
+    write(folder)
+    if ema:
+        with ema.applied():
+            write(ema_folder(folder))
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -400,9 +411,11 @@ def finished_results(run: Path, total_steps: int) -> bool:
     return isinstance(results, dict) and results.get("steps") == total_steps and (run / "tuner").is_dir()
 
 
-def checkpoint_state(step: int, tuner: dict, optimizer, scheduler, cfg, tuning, run_id: str, entry: dict) -> dict:
+def checkpoint_state(step: int, tuner: dict, optimizer, scheduler, cfg, tuning, run_id: str, entry: dict,
+                     ema=None) -> dict:
     """A checkpoint's contents, all tensors and plain values: `entry` is the step's metrics, for a run resumed at its
     last step (killed during the final validation, say) to log that step without training it again."""
     return {"step": step, "tuner": tuner, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng": rng_state(), "config": dataclasses.asdict(cfg), "tuning": tuning.to_dict(), "run_id": run_id,
-            "entry": {k: v for k, v in entry.items() if isinstance(v, (int, float, str))}}
+            "entry": {k: v for k, v in entry.items() if isinstance(v, (int, float, str))},
+            **({"ema": ema.state_dict()} if ema else {})}

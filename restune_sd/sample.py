@@ -1,6 +1,7 @@
 """Generating images with a stock diffusers pipeline and a saved tuner: `sample(cfg) -> result`.
 
-Image i has its own generator seeded with `seed + i`, so a single image with `--seed S` is exactly what a stock
+Image i has its own generator seeded with `seed + i` (or, on a prompts-file line with kohya's `--d D`, D + k for that
+line's k-th image), so a single image with `--seed S` is exactly what a stock
 pipeline gives with `generator=torch.Generator(device).manual_seed(S)` (its scheduler predicting what the tuner was
 trained to predict), whatever the batch size or the number of processes, up to float rounding (batched attention can
 differ by 1/255 on a few pixels). Each PNG is written atomically; an interrupted job skips the images it already has,
@@ -17,18 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from restune_sd.bounds import MAX_RESOLUTION, MAX_SEED, check_bounds, require_resolution
+from restune_sd.bounds import MAX_GUIDANCE, MAX_RESOLUTION, MAX_SAMPLING_STEPS, MAX_SEED, check_bounds
 from restune_sd.errors import UserError
-from restune_sd.files import read_json, read_text, warn, write_atomic, write_text_atomic, writing
+from restune_sd.files import read_json, warn, write_atomic, write_text_atomic, writing
+from restune_sd.prompts import (Prompt, batches, check_draws, draw_settings, image_seeds, pipeline_arguments,
+                                read_prompt_file)
 from restune_sd.runfolder import LOCK, FolderLock, main_process
+from restune_sd.stacking import apply_tuner, trained_prediction_type, tuner_folder_name, tuner_identity
 
-SCHEDULERS = ("ddim", "dpm", "pndm", "euler")
 SETTINGS_FILE = "sample_config.json"
-# LoRA files in pickle formats: refused, since loading one can run code.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# Far above what anyone samples with (SD's usual guidance is 5-15, FID sets hold 30,000-50,000 images, a GPU fits
-# tens of images a call) and far below values that overflow to NaN images or exhaust memory.
-MAX_GUIDANCE = 100
+# Far above what anyone samples with (FID sets hold 30,000-50,000 images, a GPU fits tens of images a call) and far
+# below what exhausts memory.
 MAX_IMAGES = 1_000_000
 MAX_BATCH_SIZE = 1024
 
@@ -46,19 +46,26 @@ class SampleConfig:
     coco: str | None = None
     num_images: int | None = None
     steps: int = 50
-    guidance: float = 7.5
-    scheduler: str = "ddim"
+    guidance: float = 7.5  # --guidance-scale
+    scheduler: str = "ddim"  # a UI name or a diffusers class (restune_sd.schedulers)
+    karras_sigmas: bool = False
     seed: int = 0
     batch_size: int = 1
     resolution: int | None = None
+    width: int | None = None
+    height: int | None = None
     negative_prompt: str | None = None
     fp16: bool = True
     attention: str = "auto"
+    guidance_rescale: float | None = None  # None: 0.7 for a tuner trained with zero terminal SNR, else 0
 
     def __post_init__(self):
-        if self.scheduler not in SCHEDULERS:
-            raise UserError(f"unknown --scheduler {self.scheduler!r}: use one of {', '.join(SCHEDULERS)}")
+        from restune_sd.schedulers import scheduler_spec
+
+        scheduler_spec(self.scheduler, self.karras_sigmas)
         check_bounds(self, SAMPLE_BOUNDS)
+        if self.resolution is not None and (self.width is not None or self.height is not None):
+            raise UserError("give the image size as --resolution (square) or as --width/--height, not both")
         sources = sum(bool(s) for s in (self.prompts, self.prompts_file, self.coco))
         if sources != 1:
             raise UserError("give prompts one way: --prompt (repeatable), --prompts-file, or --coco ROOT [--num-images N]")
@@ -66,28 +73,32 @@ class SampleConfig:
 
 SAMPLE_BOUNDS = {
     "num_images": {"integer": True, "minimum": 1, "maximum": MAX_IMAGES, "optional": True},
-    "steps": {"integer": True, "minimum": 1, "maximum": 1000}, "guidance": {"minimum": 0, "maximum": MAX_GUIDANCE},
+    "steps": {"integer": True, "minimum": 1, "maximum": MAX_SAMPLING_STEPS},
+    "guidance": {"minimum": 0, "maximum": MAX_GUIDANCE},
+    "guidance_rescale": {"minimum": 0, "maximum": 1, "optional": True},
     "seed": {"integer": True, "minimum": 0, "maximum": MAX_SEED},
     "batch_size": {"integer": True, "minimum": 1, "maximum": MAX_BATCH_SIZE},
     "resolution": {"integer": True, "minimum": 8, "maximum": MAX_RESOLUTION, "optional": True},
+    "width": {"integer": True, "minimum": 8, "maximum": MAX_RESOLUTION, "optional": True},
+    "height": {"integer": True, "minimum": 8, "maximum": MAX_RESOLUTION, "optional": True},
 }
 
 
-def read_prompts(cfg: SampleConfig) -> tuple[list[str], list | None]:
-    """The job's prompts, and with --coco the chosen (file name, caption) pairs."""
+def read_prompts(cfg: SampleConfig) -> tuple[list[Prompt], list | None]:
+    """The job's prompts (a prompts file's lines with their kohya options), and with --coco the chosen (file name,
+    caption) pairs."""
     items = None
     if cfg.prompts:
-        prompts = list(cfg.prompts)
+        prompts = [Prompt(p) for p in cfg.prompts]
     elif cfg.prompts_file:
-        text = read_text(cfg.prompts_file, "--prompts-file", "give a UTF-8 text file with one prompt a line")
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        prompts = read_prompt_file(cfg.prompts_file, "--prompts-file")
     else:
         from restune_sd.datasets import coco_val_items
         from restune_sd.evaluation.fid import FID_PROTOCOL_IMAGES, fewer_than_protocol
 
         items = coco_val_items(cfg.coco, cfg.num_images or FID_PROTOCOL_IMAGES, seed=cfg.seed,
                                at_most=cfg.num_images is None)
-        prompts = [c for _, c in items]
+        prompts = [Prompt(c) for _, c in items]
         if len(items) < FID_PROTOCOL_IMAGES and main_process():
             warn(fewer_than_protocol(len(items), "sampled from COCO2017 val"))
     if cfg.num_images and not cfg.coco:
@@ -103,109 +114,44 @@ def read_prompts(cfg: SampleConfig) -> tuple[list[str], list | None]:
     return prompts, items
 
 
-def foreign_lora(tuner: str) -> Path | None:
-    """The LoRA file another tool wrote that `tuner` names (a `.safetensors` file, or a folder holding diffusers'
-    `pytorch_lora_weights.safetensors` and no restune-sd config), or None for a restune-sd tuner or run directory."""
-    from restune_sd.io import CONFIG_FILE, LORA_FILE, WEIGHTS_FILE
-
-    path = Path(tuner)
-    if not path.exists():
-        raise UserError(f"--tuner {tuner} does not exist: pass a tuner folder, a run directory or a LoRA .safetensors file")
-    if path.is_dir():
-        found = sorted(path.glob(LORA_FILE.replace(".safetensors", ".*")), key=lambda p: p.suffix != ".safetensors")
-        if (path / CONFIG_FILE).is_file() or not found:
-            return None  # a restune-sd tuner or run directory (load_tuner says what one lacks)
-        path = found[0]
-    if path.name == WEIGHTS_FILE and (path.parent / CONFIG_FILE).is_file():
-        raise UserError(f"--tuner {tuner} is a restune-sd tuner's weights file: pass its folder {path.parent}")
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise UserError(f"--tuner {path} is a pickle ({path.suffix}), which can run code when loaded: use a .safetensors LoRA")
-    if path.suffix.lower() != ".safetensors":
-        raise UserError(f"--tuner {tuner} is neither a restune-sd tuner folder or run directory nor a LoRA .safetensors file")
-    check_lora_names(path)
-    return path
-
-
-def check_lora_names(path: Path) -> None:
-    """Read a LoRA file's tensor names (not its data): a damaged file, or one without LoRA weights, is refused here."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, "pt") as f:
-            names = list(f.keys())
-    except (SafetensorError, OSError, ValueError) as error:
-        raise UserError(f"--tuner {path} is not a readable .safetensors file ({str(error).splitlines()[0]})") from None
-    if not any("lora" in name for name in names):
-        raise UserError(f"--tuner {path} holds no LoRA weights (no tensor name contains 'lora'): pass a LoRA file")
-
-
-def tuner_identity(tuner: str | None) -> str | None:
-    """A tuner's content digest: restune-sd's config and weights, or the foreign LoRA file's bytes."""
-    from restune_sd.io import tuner_digest
-
-    if tuner is None:
-        return None
-    lora = foreign_lora(tuner)
-    return hashlib.sha256(lora.read_bytes()).hexdigest() if lora else tuner_digest(tuner)
-
-
-def job_identity(cfg: SampleConfig, prompts: list[str], tuner: str | None) -> dict:
+def job_identity(cfg: SampleConfig, prompts: list[Prompt], tuner: str | None) -> dict:
     """What makes two runs the same job: the model (resolved), the tuner and prompts by content, the settings."""
     local = Path(cfg.model).expanduser()
     settings = {k: v for k, v in dataclasses.asdict(cfg).items()
                 if k not in ("out", "tuners", "batch_size", "attention", "prompts", "prompts_file", "coco", "model")}
     return {**settings, "model": str(local.resolve()) if local.exists() else cfg.model,
-            "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+            "prompts_sha256": hashlib.sha256(json.dumps([[p.text, p.options] if p.options else p.text
+                                                         for p in prompts]).encode()).hexdigest(),
             "tuner_sha256": tuner_identity(tuner)}
 
 
-def load_foreign_lora(pipe, path: Path) -> None:
-    """A LoRA written by another tool (diffusers or kohya keys) through the pipeline's own loader, which must apply it."""
-    from diffusers.utils import logging
-    from safetensors import SafetensorError
-
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()  # its "no LoRA keys for the text encoder" warning is normal for UNet-only LoRAs
-    try:
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name)
-    except (ValueError, RuntimeError, KeyError, OSError, SafetensorError) as error:
-        reason = " ".join(str(error).split())[:300]
-        raise UserError(f"--tuner {path} is not a LoRA diffusers can apply to this model: {reason}") from None
-    finally:
-        logging.set_verbosity(level)
-    if not any(pipe.get_list_adapters().values()):
-        raise UserError(f"--tuner {path} holds no LoRA weights for this model's UNet or text encoder (a LoRA for another "
-                        "architecture?)")
-
-
-def use_scheduler(pipe, name: str, prediction_type: str | None = None) -> None:
-    """Give `pipe` the scheduler that `sample` and validation images both draw with: `name`'s class made from the
-    model's own scheduler config, predicting what the tuner was trained to predict where it records that.
+def use_scheduler(pipe, name: str, prediction_type: str | None = None, karras_sigmas: bool = False,
+                  config=None) -> None:
+    """Give `pipe` the scheduler that `sample` and validation images both draw with: `name` (restune_sd.schedulers)
+    made from the model's own scheduler config (`config`, default the pipeline's), with Karras sigmas where asked,
+    predicting what the tuner was trained to predict where it records that.
 
     Both build their pipeline with the model's scheduler config through StableDiffusionPipeline's constructor (which
     rewrites steps_offset and a clip_sample it finds True) and set this one after it: a DDIM scheduler given to the
     constructor would have its default clip_sample=True turned off there, and so differ from `sample`'s.
     """
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
+    from restune_sd.schedulers import make_scheduler
 
-    cls = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler}[name]
-    pipe.scheduler = cls.from_config(pipe.scheduler.config, **({"prediction_type": prediction_type} if prediction_type else {}))
-
-
-def trained_prediction_type(tuner: str | None) -> str | None:
-    """What a restune-sd tuner's run trained the UNet to predict (epsilon, v_prediction or sample); None for the plain
-    model, a LoRA of another tool and tuners saved outside a training run, which sample as the model's own scheduler."""
-    from restune_sd.io import read_tuner_config
-
-    if tuner is None or foreign_lora(tuner):
-        return None
-    return read_tuner_config(tuner).get("prediction_type")
+    pipe.scheduler = make_scheduler(config or pipe.scheduler.config, name, karras_sigmas, prediction_type,
+                                    pipe.scheduler.compatibles)
 
 
-def draw(pipe, prompts: list[str], generators: list, **settings) -> tuple[list, list[int]]:
+def draw(pipe, prompts: list[str], generators: list, clip_skip: int | None = None,
+         **settings) -> tuple[list, list[int]]:
     """The pipeline's images for `prompts` as PIL images (none if any holds NaN or inf, which a PNG
-    would show black), and the positions of those that do; the same images as a stock call with output_type="pil"."""
+    would show black), and the positions of those that do; the same images as a stock call with output_type="pil".
+    With `clip_skip`, prompts and negative prompts go in as embeddings (restune_sd.trained_with.prompt_embeddings)."""
     with torch.no_grad():
+        if clip_skip:
+            from restune_sd.trained_with import prompt_embeddings
+
+            settings.update(prompt_embeddings(pipe, prompts, settings.pop("negative_prompt", None), clip_skip))
+            prompts = None
         arrays = pipe(prompts, generator=generators, output_type="np", **settings).images
     non_finite = [n for n, a in enumerate(arrays) if not np.isfinite(a).all()]
     return ([] if non_finite else pipe.numpy_to_pil(arrays)), non_finite
@@ -213,11 +159,10 @@ def draw(pipe, prompts: list[str], generators: list, **settings) -> tuple[list, 
 
 def load_pipeline(model: str, tuner: str | None, device, dtype, attention: str, model_config: str | None = None):
     """A stock StableDiffusionPipeline (from a folder, a hub id or a single-file checkpoint) with the saved tuner (a
-    tuner folder or run directory) or a LoRA file of another tool attached."""
+    tuner folder or run directory), a LoRA file of another tool, or a weighted stack of them attached."""
     from diffusers import StableDiffusionPipeline
 
     from restune_sd.attention import set_attention_backend
-    from restune_sd.io import load_tuner
     from restune_sd.models import check_pipeline, is_single_file, quiet_loading, single_file_pipeline
 
     quiet_loading()
@@ -228,11 +173,8 @@ def load_pipeline(model: str, tuner: str | None, device, dtype, attention: str, 
     except OSError as error:
         where = "" if Path(model).exists() else "no local folder of that name exists, and as a hub id: "
         raise UserError(f"cannot load a Stable Diffusion pipeline from {model!r}: {where}{str(error).splitlines()[0]}") from None
-    lora = foreign_lora(tuner) if tuner else None
-    if lora:
-        load_foreign_lora(pipe, lora)
-    elif tuner:
-        load_tuner(pipe, tuner)
+    if tuner:
+        apply_tuner(pipe, tuner)
     set_attention_backend(pipe.unet, attention)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -263,11 +205,21 @@ def non_finite_message(image: Path, tuner: str | None, model: str, dtype) -> str
             "are kept")
 
 
-def tuner_folder_name(tuner: str) -> str:
-    path = Path(tuner)
-    if path.suffix == ".safetensors":  # a foreign LoRA file
-        return path.stem
-    return path.parent.name if path.name == "tuner" else path.name
+def image_plan(cfg: SampleConfig, prompts: list[Prompt], factor: int) -> tuple[list[dict], list[int]]:
+    """Each image's draw settings (the command's, under its prompt line's own) and seed, checked before anything is
+    written; sizes must be multiples of the VAE's downsampling `factor`."""
+    check_draws(prompts, {f"--{n}": getattr(cfg, n) for n in ("resolution", "width", "height")}, factor, cfg.karras_sigmas)
+    defaults = {"negative_prompt": cfg.negative_prompt, "width": cfg.width or cfg.resolution,
+                "height": cfg.height or cfg.resolution, "guidance_scale": cfg.guidance, "steps": cfg.steps,
+                "scheduler": cfg.scheduler, "karras_sigmas": cfg.karras_sigmas}
+    return [draw_settings(p, defaults) for p in prompts], image_seeds(prompts, cfg.seed)
+
+
+def image_record(cfg: SampleConfig, settings: dict) -> dict:
+    """What samples.jsonl records of how an image was drawn (a size of None: the model's own)."""
+    return {"steps": settings["steps"], "guidance": settings["guidance_scale"], "scheduler": settings["scheduler"],
+            "karras_sigmas": settings["karras_sigmas"], "resolution": cfg.resolution, "width": settings["width"],
+            "height": settings["height"], "negative_prompt": settings["negative_prompt"]}
 
 
 def sample(cfg: SampleConfig) -> dict:
@@ -293,14 +245,16 @@ def sample_into(cfg: SampleConfig) -> dict:
     if len(set(folder_names)) < len(folder_names):
         twice = next(n for n in folder_names if folder_names.count(n) > 1)
         raise UserError(f"two tuners would sample into {out / twice}: give them folders of different names")
-    from restune_sd.models import check_pipeline, require_single_file_configs, vae_factor
+    from restune_sd.models import check_pipeline, require_single_file_configs, text_encoder_layers, vae_factor
+    from restune_sd.trained_with import call_settings, check_sampling, scheduler_config, trained_with
 
     check_pipeline(cfg.model, cfg.model_config)
     require_single_file_configs(cfg.model, cfg.model_config)
     prompts, coco_items = read_prompts(cfg)
-    if cfg.resolution is not None:
-        require_resolution("--resolution", cfg.resolution, vae_factor(cfg.model, cfg.model_config) or 8)
+    settings, seeds = image_plan(cfg, prompts, vae_factor(cfg.model, cfg.model_config) or 8)
     identities = {folder: job_identity(cfg, prompts, tuner) for tuner, folder in jobs}
+    for tuner, _ in jobs:  # the clip skip and zero terminal SNR the tuner was trained with
+        check_sampling(tuner, {s["scheduler"] for s in settings}, text_encoder_layers(cfg.model, cfg.model_config))
     for _, folder in jobs:  # every process checks before anything is written
         saved = folder / SETTINGS_FILE
         if folder.exists() and not folder.is_dir():
@@ -328,15 +282,17 @@ def sample_into(cfg: SampleConfig) -> dict:
         todo = [i for i in mine if not (folder / names[i]).exists()]
         if todo:
             pipe = load_pipeline(cfg.model, tuner, device, dtype, cfg.attention, cfg.model_config)
-            use_scheduler(pipe, cfg.scheduler, trained_prediction_type(tuner))
+            prediction, trained = trained_prediction_type(tuner), trained_with(tuner)
+            model_scheduler = scheduler_config(pipe.scheduler.config, trained["zero_terminal_snr"])
             label = tuner_folder_name(tuner) if tuner else "base"
-            for start in tqdm(range(0, len(todo), cfg.batch_size), desc=f"sample {label}", unit="batch",
+            for chunk in tqdm(batches(todo, settings, cfg.batch_size), desc=f"sample {label}", unit="batch",
                               disable=not state.is_main_process):
-                chunk = todo[start : start + cfg.batch_size]
-                images, non_finite = draw(
-                    pipe, [prompts[i] for i in chunk], [torch.Generator(device).manual_seed(cfg.seed + i) for i in chunk],
-                    negative_prompt=[cfg.negative_prompt] * len(chunk) if cfg.negative_prompt else None,
-                    num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, height=cfg.resolution, width=cfg.resolution)
+                chosen = settings[chunk[0]]  # a batch's images share their settings
+                use_scheduler(pipe, chosen["scheduler"], prediction, chosen["karras_sigmas"], model_scheduler)
+                images, non_finite = draw(pipe, [prompts[i].text for i in chunk],
+                                          [torch.Generator(device).manual_seed(seeds[i]) for i in chunk],
+                                          **pipeline_arguments(chosen, len(chunk)),
+                                          **call_settings(trained, cfg.guidance_rescale))
                 if non_finite:
                     raise UserError(non_finite_message(folder / names[chunk[non_finite[0]]], tuner, cfg.model, dtype))
                 for i, image in zip(chunk, images):
@@ -345,8 +301,7 @@ def sample_into(cfg: SampleConfig) -> dict:
             del pipe
         state.wait_for_everyone()
         if state.is_main_process:
-            records = [{"file": names[i], "prompt": p, "seed": cfg.seed + i, **{k: identities[folder][k] for k in
-                        ("steps", "guidance", "scheduler", "resolution", "negative_prompt")}, "tuner": tuner}
+            records = [{"file": names[i], "prompt": p.text, "seed": seeds[i], **image_record(cfg, settings[i]), "tuner": tuner}
                        for i, p in enumerate(prompts)]
             write_text_atomic(folder / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
             write_atomic(folder / "grid.png", lambda tmp: contact_sheet([folder / n for n in names], tmp))

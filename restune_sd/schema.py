@@ -79,6 +79,8 @@ FIELDS = {
     "image_std": ("three numbers from 0.0001 to 10", lambda v: is_three_numbers(v, 1e-4, 10)),
     "prediction_type": (f"one of {', '.join(PREDICTION_TYPES)}", lambda v: v in PREDICTION_TYPES),
     "resize_crop": ("true or false", lambda v: isinstance(v, bool)),
+    "clip_skip": ("a whole number of text encoder layers from 0 to 1000", lambda v: is_whole(v, 0, 1000)),
+    "zero_terminal_snr": ("true or false", lambda v: isinstance(v, bool)),
 }
 
 

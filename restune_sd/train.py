@@ -5,6 +5,7 @@ the denoising loss (noise, timestep and VAE sample drawn per sample from the see
 sample's position) and validation images.
 """
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +14,14 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from restune_sd.bounds import MAX_RESOLUTION, require_resolution
+from restune_sd.bounds import MAX_GUIDANCE, MAX_RESOLUTION, require_resolution
 from restune_sd.encoders import Encoders, latent_key
 from restune_sd.errors import UserError
-from restune_sd.files import read_text, writing
+from restune_sd.files import writing
 from restune_sd.loop import WHOLE, Job, RunConfig, Session, disk_hint, fit, seeded
+from restune_sd.prompts import Prompt, check_draws, draw_settings, pipeline_arguments, read_prompt_file
+from restune_sd.trained_with import (apply_settings, call_settings, require_clip_skip, require_zero_snr_schedulers,
+                                      sampling_record, scheduler_config)
 
 
 
@@ -34,10 +38,16 @@ class TrainConfig(RunConfig):
     center_crop: bool = True
     random_flip: bool = False
     caption_template: str = "a photo of a {}"
-    caption_extension: str = field(default=".txt", metadata={"help": "kohya: caption files' extension"})
+    caption_extension: str | None = field(default=None, metadata={"help": "kohya: caption files' extension (default: "
+                                                                          ".caption, else .txt)"})
     image_column: str = field(default="image", metadata={"help": "hf: the column holding the images"})
     caption_column: str = field(default="text", metadata={"help": "hf: the column holding the captions"})
     caption_dropout: float = field(default=0.0, metadata={"help": "probability a sample's caption is replaced by \"\""})
+    shuffle_tags: bool = field(default=False, metadata={"help": "shuffle each caption's comma-separated tags at every draw"})
+    keep_tokens: int = field(default=0, metadata={"help": "tags at a caption's start that stay in place, never dropped"})
+    tag_dropout: float = field(default=0.0, metadata={"help": "probability each tag after the kept ones is dropped"})
+    clip_skip: int = field(default=0, metadata={"help": "text encoder layers skipped from the end (diffusers' clip_skip: "
+                                                        "1 is the penultimate layer, A1111's and kohya's clip skip 2)"})
     buckets: bool = field(default=False, metadata={"help": "aspect-ratio buckets of about resolution^2 pixels"})
     bucket_step: int = field(default=64, metadata={"help": "bucket sides are multiples of this many pixels"})
     bucket_min_side: int | None = field(default=None, metadata={"help": "shortest bucket side (default resolution/2)"})
@@ -45,40 +55,62 @@ class TrainConfig(RunConfig):
     prediction_type: str | None = None
     snr_gamma: float | None = None
     noise_offset: float = 0.0
+    zero_terminal_snr: bool = field(default=False, metadata={"help": "rescale the noise schedule to zero terminal SNR "
+                                                                     "(needs v_prediction)"})
     gradient_checkpointing: bool = False
     attention: str = "auto"
     cache: bool = field(default=False, metadata={"help": "keep text embeddings and latents in RUN_DIR/cache/ once computed"})
     encode_ahead: str = field(default="auto", metadata={"help": "encode every latent once before training: yes, no, or "
                                                                    "auto (yes when the run draws every sample at least once)"})
     validation_prompts: list[str] = field(default_factory=list, metadata={"help": "prompts of the validation images"})
-    validation_prompts_file: str | None = field(default=None, metadata={"help": "more validation prompts, one a line"})
+    validation_prompts_file: str | None = field(default=None, metadata={"help": "more validation prompts, one a line "
+                                                                              "with kohya's options (--n --w --h --l --s --d --ss)"})
     validation_images: int = field(default=1, metadata={"help": "images per prompt, seeded seed, seed+1, ..."})
     validation_every: int = field(default=0, metadata={"help": "validate every N steps (and at the end) (0: at the end)"})
     validation_steps: int = field(default=25, metadata={"help": "denoising steps of each validation image"})
     validation_data: str | None = field(default=None, metadata={"help": "PREFIX:ROOT held-out data for a validation loss"})
     validation_split: str | None = field(default=None, metadata={"help": "its split (default: val where it has one)"})
     validation_samples: int = field(default=16, metadata={"help": "held-out images the validation loss averages"})
+    validation_negative_prompt: str | None = field(default=None, metadata={"help": "negative prompt of validation images"})
+    validation_guidance_scale: float = field(default=7.5, metadata={"help": "their classifier-free guidance scale"})
+    validation_width: int | None = field(default=None, metadata={"help": "their width (default: --resolution)"})
+    validation_height: int | None = field(default=None, metadata={"help": "their height (default: --resolution)"})
+    validation_scheduler: str = field(default="ddim", metadata={"help": "their scheduler, as `sample --scheduler`"})
+    validation_karras_sigmas: bool = field(default=False, metadata={"help": "their scheduler with Karras sigmas"})
+    validation_ema: bool = field(default=False, metadata={"help": "validate with the EMA weights (needs ema)"})
 
     SAFE_ON_RESUME: ClassVar[tuple[str, ...]] = RunConfig.SAFE_ON_RESUME + (
         "validation_prompts", "validation_prompts_file", "validation_images", "validation_every", "validation_steps",
-        "validation_data", "validation_split", "validation_samples", "attention", "gradient_checkpointing")
+        "validation_data", "validation_split", "validation_samples", "attention", "gradient_checkpointing",
+        "validation_negative_prompt", "validation_guidance_scale", "validation_width", "validation_height",
+        "validation_scheduler", "validation_karras_sigmas", "validation_ema")
     BOUNDS: ClassVar[dict] = {
         **RunConfig.BOUNDS, "resolution": {**WHOLE, "minimum": 8, "maximum": MAX_RESOLUTION, "optional": True},
         "snr_gamma": {"above": 0, "optional": True}, "noise_offset": {"minimum": 0, "maximum": 1},
         "caption_dropout": {"minimum": 0, "maximum": 1}, "bucket_step": {**WHOLE, "minimum": 8},
+        "keep_tokens": {**WHOLE, "minimum": 0, "maximum": 1000}, "tag_dropout": {"minimum": 0, "maximum": 1},
+        "clip_skip": {**WHOLE, "minimum": 0, "maximum": 1000},  # below the text encoder's depth: checked when it loads
         "bucket_min_side": {**WHOLE, "minimum": 8, "optional": True},
         "bucket_max_side": {**WHOLE, "minimum": 8, "maximum": MAX_RESOLUTION, "optional": True},
         "validation_every": {**WHOLE, "minimum": 0}, "validation_steps": {**WHOLE, "minimum": 1},
         "validation_images": {**WHOLE, "minimum": 1}, "validation_samples": {**WHOLE, "minimum": 1},
+        "validation_guidance_scale": {"minimum": 0, "maximum": MAX_GUIDANCE},
+        "validation_width": {**WHOLE, "minimum": 8, "maximum": MAX_RESOLUTION, "optional": True},
+        "validation_height": {**WHOLE, "minimum": 8, "maximum": MAX_RESOLUTION, "optional": True},
     }
 
     def __post_init__(self):
         super().__post_init__()
+        if self.validation_ema and not self.ema:
+            raise UserError("--validation-ema validates with the EMA weights: add --ema")
         prompts = self.validation_prompts
         self.validation_prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])  # one prompt is a list of one
         if self.validation_every and not (self.validation_prompts or self.validation_prompts_file or self.validation_data):
             raise UserError("--validation-every needs something to validate: --validation-prompt, --validation-prompts-file "
                             "or --validation-data")
+        from restune_sd.schedulers import scheduler_spec
+
+        scheduler_spec(self.validation_scheduler, self.validation_karras_sigmas, option="--validation-scheduler")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise UserError(f"unknown --prediction-type {self.prediction_type!r}: use epsilon or v_prediction")
         if self.cache and not self.center_crop:
@@ -88,10 +120,24 @@ class TrainConfig(RunConfig):
         if self.encode_ahead == "yes" and not self.center_crop:
             raise UserError("--encode-ahead yes stores one latent per image and flip: it needs centre crops, not "
                             "--no-center-crop")
-        if not self.caption_extension.startswith(".") or len(self.caption_extension) < 2:
+        if self.caption_extension is not None and (not self.caption_extension.startswith(".") or
+                                                   len(self.caption_extension) < 2):
             raise UserError(f"--caption-extension {self.caption_extension!r} must start with a dot, e.g. .txt or .caption")
         if self.bucket_min_side and self.bucket_max_side and self.bucket_min_side > self.bucket_max_side:
             raise UserError(f"--bucket-min-side {self.bucket_min_side} is above --bucket-max-side {self.bucket_max_side}")
+        if self.keep_tokens and not self.tags.active:
+            raise UserError(f"--keep-tokens {self.keep_tokens} keeps tags in place against --shuffle-tags or --tag-dropout, "
+                            "and neither is given: add one of them or leave --keep-tokens out")
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise UserError("--zero-terminal-snr needs --prediction-type v_prediction: at the last timestep the noisy "
+                            "latent is pure noise, so predicting the noise (epsilon) teaches nothing and sampling divides by 0")
+
+    @property
+    def tags(self):
+        """What --shuffle-tags, --keep-tokens and --tag-dropout do to each caption (kohya's caption processing)."""
+        from restune_sd.datasets.tags import TagOptions
+
+        return TagOptions(shuffle=self.shuffle_tags, keep=self.keep_tokens, dropout=self.tag_dropout)
 
 
 @dataclass
@@ -166,16 +212,25 @@ def diffusion_loss(unet, encoders: Encoders, batch: dict, cfg: TrainConfig, step
     return per_sample.mean()
 
 
-def read_validation_prompts(cfg: TrainConfig) -> list[str]:
-    """The --validation-prompt prompts, then those of --validation-prompts-file (one a line, blank lines skipped)."""
+def read_validation_prompts(cfg: TrainConfig) -> list[Prompt]:
+    """The --validation-prompt prompts (as written), then those of --validation-prompts-file: one a line with kohya's
+    per-line options (restune_sd.prompts), blank lines and # comments skipped."""
+    prompts = [Prompt(p) for p in cfg.validation_prompts]
     if not cfg.validation_prompts_file:
-        return cfg.validation_prompts
+        return prompts
     path = Path(cfg.validation_prompts_file)
-    text = read_text(path, "--validation-prompts-file", "give a text file with one prompt a line", errors="replace")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = read_prompt_file(path, "--validation-prompts-file", errors="replace")
     if not lines:
         raise UserError(f"--validation-prompts-file {path} holds no prompt: write one prompt a line")
-    return cfg.validation_prompts + lines
+    return prompts + lines
+
+
+def validation_defaults(cfg: TrainConfig) -> dict:
+    """What validation images are drawn with where a prompt's line does not say (restune_sd.prompts.draw_settings)."""
+    return {"negative_prompt": cfg.validation_negative_prompt, "width": cfg.validation_width or cfg.resolution,
+            "height": cfg.validation_height or cfg.resolution, "guidance_scale": cfg.validation_guidance_scale,
+            "steps": cfg.validation_steps, "scheduler": cfg.validation_scheduler,
+            "karras_sigmas": cfg.validation_karras_sigmas}
 
 
 def held_out_split(cfg: TrainConfig) -> str:
@@ -186,9 +241,11 @@ def held_out_split(cfg: TrainConfig) -> str:
     return cfg.validation_split or ("val" if layout and "val" in layout.splits else "train")
 
 
-def validation_images(comps: Components, unet, cfg: TrainConfig, prompts: list[str], device, step: int) -> list[list]:
-    """--validation-images images per prompt (rows = prompts); image i from seed + i, as `restune-sd sample` draws it:
-    the same DDIM scheduler, predicting what training predicts. A NaN or infinite image is a UserError."""
+def validation_images(comps: Components, unet, cfg: TrainConfig, prompts: list[Prompt], device, step: int) -> list[list]:
+    """--validation-images images per prompt (rows = prompts); image i from seed + i (a line's --d D: D + i), as
+    `restune-sd sample` draws it: the same scheduler, predicting what training predicts, with the run's clip skip and
+    zero terminal SNR, and the --validation-* settings under each prompt line's own. A NaN or infinite image is a
+    UserError."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     from restune_sd.sample import draw, use_scheduler
@@ -197,15 +254,20 @@ def validation_images(comps: Components, unet, cfg: TrainConfig, prompts: list[s
     pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=unet,
                                    scheduler=DDPMScheduler.from_config(comps.noise_scheduler.config), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    use_scheduler(pipe, "ddim", prediction_target(comps.noise_scheduler))
+    model_scheduler = scheduler_config(pipe.scheduler.config, cfg.zero_terminal_snr)
+    prediction = prediction_target(comps.noise_scheduler)
     pipe.set_progress_bar_config(disable=True)
+    trained = {"clip_skip": cfg.clip_skip, "zero_terminal_snr": cfg.zero_terminal_snr}
     rows = []
     for p, prompt in enumerate(prompts):
-        generators = [torch.Generator(device=device).manual_seed(cfg.seed + i) for i in range(cfg.validation_images)]
-        images, non_finite = draw(pipe, [prompt] * cfg.validation_images, generators,
-                                  num_inference_steps=cfg.validation_steps, height=cfg.resolution, width=cfg.resolution)
+        chosen = draw_settings(prompt, validation_defaults(cfg))
+        use_scheduler(pipe, chosen["scheduler"], prediction, chosen["karras_sigmas"], model_scheduler)
+        seed = cfg.seed if prompt.seed is None else prompt.seed
+        generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(cfg.validation_images)]
+        images, non_finite = draw(pipe, [prompt.text] * cfg.validation_images, generators,
+                                  **pipeline_arguments(chosen, cfg.validation_images), **call_settings(trained))
         if non_finite:
-            raise UserError(f"validation image {non_finite[0]} of prompt {p} ({prompt!r}) at step {step} came out NaN or "
+            raise UserError(f"validation image {non_finite[0]} of prompt {p} ({prompt.text!r}) at step {step} came out NaN or "
                             "infinite, so no validation image of this step is written: the tuner's weights have likely "
                             "diverged (try a lower --learning-rate), or the model overflows in half precision (try "
                             "--mixed-precision no)")
@@ -236,7 +298,8 @@ def diffusion_job(session: Session) -> Job:
     from restune_sd.datasets import build_dataset
     from restune_sd.datasets.buckets import bucket_sizes
     from restune_sd.inject import attach
-    from restune_sd.models import check_pipeline, native_resolution, pipeline_resolution, quiet_loading, vae_factor
+    from restune_sd.models import (check_pipeline, native_resolution, pipeline_resolution, quiet_loading,
+                                   text_encoder_layers, vae_factor)
 
     cfg = session.cfg
 
@@ -245,10 +308,12 @@ def diffusion_job(session: Session) -> Job:
         return build_dataset(cfg.data, split=cfg.split, resolution=resolution, center_crop=cfg.center_crop,
                              random_flip=cfg.random_flip, caption_template=cfg.caption_template, seed=cfg.seed,
                              caption_extension=cfg.caption_extension, image_column=cfg.image_column,
-                             caption_column=cfg.caption_column, caption_dropout=cfg.caption_dropout, bucket_sizes=sizes)
+                             caption_column=cfg.caption_column, caption_dropout=cfg.caption_dropout, bucket_sizes=sizes,
+                             tags=cfg.tags)
 
     # The data and the model folder are checked before any model is loaded: a bad root fails in a second, not after minutes.
     check_pipeline(cfg.model)
+    require_clip_skip(cfg.clip_skip, text_encoder_layers(cfg.model))
     factor = vae_factor(cfg.model)
     if cfg.resolution is not None and factor:
         require_resolution("--resolution", cfg.resolution, factor)
@@ -257,17 +322,21 @@ def diffusion_job(session: Session) -> Job:
     resolution = cfg.resolution or pipeline_resolution(cfg.model)
     dataset = data(resolution) if resolution else None
     prompts = read_validation_prompts(cfg)
+    check_draws(prompts, {"--validation-width": cfg.validation_width, "--validation-height": cfg.validation_height},
+                factor or 8, cfg.validation_karras_sigmas)  # SD v1.x's factor where the folder does not say it
+    if cfg.zero_terminal_snr:  # the validation images draw as `sample` will: with a scheduler that rescales its betas
+        require_zero_snr_schedulers({cfg.validation_scheduler, *(p.scheduler for p in prompts if p.scheduler)},
+                                    "--zero-terminal-snr is set")
     held_out = held_out_data(cfg, resolution) if resolution else None
     quiet_loading()
     comps = load_components(cfg.model, session.device, session.dtype, cfg.model_config)
-    if cfg.prediction_type:
-        comps.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
     cfg = session.cfg = dataclasses.replace(cfg, resolution=resolution or native_resolution(comps.unet.config, comps.vae.config))
     require_resolution("--resolution", cfg.resolution, 2 ** (len(comps.vae.config.block_out_channels) - 1))
     if cfg.buckets:
         require_resolution("--bucket-step", cfg.bucket_step, 2 ** (len(comps.vae.config.block_out_channels) - 1))
     dataset = dataset or data(cfg.resolution)
     held_out = held_out or held_out_data(cfg, cfg.resolution)
+    apply_settings(comps, cfg, dataset, session)
 
     torch.manual_seed(cfg.seed)  # the tuners' random initialisation
     unet = attach(comps.unet, session.tuning)
@@ -277,8 +346,9 @@ def diffusion_job(session: Session) -> Job:
         unet.train()
     cfg = session.cfg = dataclasses.replace(cfg, encode_ahead="yes" if encodes_ahead(cfg, dataset, session) else "no")
     cache = session.run / "cache"
+    # Captions whose tags change at every draw would leave one cached embedding per draw, each read at most once or so.
     encoders = Encoders(comps, session.dtype, latents=cache / "latents" if cfg.cache or cfg.encode_ahead == "yes" else None,
-                        texts=cache / "texts" if cfg.cache else None)
+                        texts=cache / "texts" if cfg.cache and not cfg.tags.active else None, clip_skip=cfg.clip_skip)
 
     def encode_dataset() -> None:
         if cfg.encode_ahead == "yes":
@@ -291,7 +361,7 @@ def diffusion_job(session: Session) -> Job:
     return Job(unet, dataset, lambda model, batch, step: diffusion_loss(model, encoders, batch, cfg, step, session.device),
                record={"attention_backend": backend}, prepare=encode_dataset,
                on_step=validator(session, comps, unet, prompts, held_out),
-               tuner_extra={"prediction_type": prediction_target(comps.noise_scheduler)})
+               tuner_extra={"prediction_type": prediction_target(comps.noise_scheduler), **sampling_record(cfg)})
 
 
 def encodes_ahead(cfg: TrainConfig, dataset, session: Session) -> bool:
@@ -320,11 +390,13 @@ def held_out_data(cfg: TrainConfig, resolution: int):
 
 def validator(session: Session, comps: Components, unet, prompts: list[str], held_out):
     """The job's on_step: every --validation-every steps and at the last, the validation images (written under
-    RUN_DIR/validation/step-XXXXXXXX/ and logged) and the held-out loss (returned as that step's metric)."""
+    RUN_DIR/validation/step-XXXXXXXX/ and logged) and the held-out loss (returned as that step's metric), with the
+    EMA weights under --validation-ema."""
     from restune_sd.images import write_validation_folder
 
     cfg = session.cfg
-    encoders = Encoders(comps, session.dtype)  # uncached: held-out indices would meet the training cache's keys
+    # Uncached: held-out indices would meet the training cache's keys.
+    encoders = Encoders(comps, session.dtype, clip_skip=cfg.clip_skip)
 
     def validate(step: int, last_checkpoint, final: bool) -> dict:
         due = final or (cfg.validation_every and step % cfg.validation_every == 0)
@@ -332,7 +404,8 @@ def validator(session: Session, comps: Components, unet, prompts: list[str], hel
             return {}
         was_training, metrics, rows = unet.training, {}, []
         unet.eval()
-        with session.accelerator.autocast():
+        weights = session.ema.applied() if cfg.validation_ema else contextlib.nullcontext()
+        with session.accelerator.autocast(), weights:
             if held_out is not None:
                 metrics["validation_loss"] = validation_loss(unet, encoders, held_out, cfg, session.device)
             if prompts:
@@ -340,7 +413,7 @@ def validator(session: Session, comps: Components, unet, prompts: list[str], hel
         unet.train(was_training)
         if rows:
             with writing(session.run / "validation", disk_hint(last_checkpoint)):
-                write_validation_folder(rows, prompts, session.run / "validation" / f"step-{step:08d}")
+                write_validation_folder(rows, [p.line or p.text for p in prompts], session.run / "validation" / f"step-{step:08d}")
             session.log_images({f"validation/prompt-{p:03d}": row for p, row in enumerate(rows)}, step)
         return metrics
 

@@ -51,7 +51,8 @@ class ResAdapter(nn.Module):
 
     Works on tokens (..., C) and on feature maps (B, C, H, W). Parameters: 2*C*L/groups + L + C + 1 (the scale).
     A `gain` (the bypass's lambda) multiplies the branch; it and `s` are folded into W_up and b_up, so no
-    full-width tensor is kept for their gradients, only the bottleneck activations.
+    full-width tensor is kept for their gradients, only the bottleneck activations. `strength` (1: none) is a stacked
+    tuner's weight (restune_sd.stacking), folded in the same way.
     """
 
     def __init__(self, channels: int, bottleneck: int, groups: int = 1, scale: float = 1.0):
@@ -61,10 +62,13 @@ class ResAdapter(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))  # b_up, outside the scale as in docs/method.md §1
         self.act = nn.GELU()
         self.scale = nn.Parameter(torch.tensor(float(scale)))
+        self.strength = 1.0
         nn.init.zeros_(self.up.weight)
 
     def forward(self, x: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.act(self.down(x.to(self.down.weight.dtype)))
+        if self.strength != 1.0:
+            gain = self.strength if gain is None else gain * self.strength
         up_gain, bias = (self.scale, self.bias) if gain is None else (self.scale * gain, self.bias * gain)
         return self.up(hidden, self.up.matrix() * up_gain, bias).to(x.dtype)
 
@@ -84,6 +88,7 @@ class PrefixTokens(nn.Module):
         self.values = nn.Parameter(torch.zeros(length, inner_dim))
         self.scale = _free_scale(scale, gate)
         self.gate = gate
+        self.strength = 1.0  # a stacked tuner's weight on its free-scale branch (restune_sd.stacking)
 
     def keys_values(self, to_k: nn.Module, to_v: nn.Module, dtype: torch.dtype):
         return self.keys.to(dtype), self.values.to(dtype)
@@ -100,6 +105,7 @@ class PromptTokens(nn.Module):
         self.tokens = nn.Parameter(torch.randn(length, input_dim) * 0.02)
         self.scale = _free_scale(scale, gate)
         self.gate = gate
+        self.strength = 1.0  # a stacked tuner's weight on its free-scale branch (restune_sd.stacking)
 
     def keys_values(self, to_k: nn.Module, to_v: nn.Module, dtype: torch.dtype):
         tokens = self.tokens.to(dtype)
@@ -146,14 +152,15 @@ def few_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads
 def branch_outputs(q: torch.Tensor, tokens: list[nn.Module], to_k, to_v, heads: int) -> list[torch.Tensor]:
     """Each free-scale prefix/prompt tuner's `s * Attn(Q, K_b, V_b)` in (B, heads, N, d), for Q in that layout.
 
-    The scale multiplies the few value tokens (`Attn(Q, K, s V) = s Attn(Q, K, V)`), so no full-size branch output
-    is kept for its gradient.
+    The scale (times a stacked tuner's strength) multiplies the few value tokens (`Attn(Q, K, s V) = s Attn(Q, K, V)`),
+    so no full-size branch output is kept for its gradient.
     """
     merged = merge_heads(q)
     outs = []
     for tuner in tokens:
         k, v = tuner.keys_values(to_k, to_v, q.dtype)
-        outs.append(split_heads(few_token_attention(merged, k, v * tuner.scale.to(v.dtype), heads), heads))
+        scale = tuner.scale if tuner.strength == 1.0 else tuner.scale * tuner.strength
+        outs.append(split_heads(few_token_attention(merged, k, v * scale.to(v.dtype), heads), heads))
     return outs
 
 

@@ -43,10 +43,14 @@ def sweep_settings(cfg) -> dict:
 
 def difference(saved: dict, wanted: dict) -> str | None:
     """The first setting in which `saved` differs from `wanted`, in words; None when they agree."""
-    from restune_sd.runconfig import same_setting
+    from restune_sd.runconfig import RunConfig, same_setting
 
+    # A run older than a setting (the optimizer, the EMA) ran as its default does.
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
     for name, value in wanted.items():
         if name not in saved:
+            if name in defaults and same_setting(name, defaults[name], value):
+                continue
             return f"it records no {name}"
         if not same_setting(name, saved[name], value):
             if name == "tuning":

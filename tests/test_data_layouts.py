@@ -47,7 +47,7 @@ def test_kohya_captions_come_from_same_name_files_and_folders_repeat(tmp_path, c
         caption_file = path.with_suffix(".txt")
         expected = caption_file.read_text().strip() if caption_file.exists() else path.parent.name.split("_", 1)[1]
         assert captions == [[expected]] * (2 if path.parent.name.startswith("2_") else 1)
-    assert "2 images without a .txt caption file" in capsys.readouterr().err
+    assert "2 images of 8 without a .caption or .txt caption file" in capsys.readouterr().err
     assert dataset[0]["pixel_values"].shape == (3, RES, RES)
 
 
@@ -61,7 +61,7 @@ def test_kohya_reads_the_first_line_of_another_caption_extension(tmp_path):
     dataset = build_dataset(f"kohya:{tmp_path}", resolution=RES, caption_extension=".caption")
     assert [dataset.captions_of(i) for i in range(len(dataset))] == [["a blue picture"], ["a red picture"]]
     (tmp_path / "1_red" / "a.jpg").unlink()
-    message = one_line_error(f"kohya:{tmp_path}")  # with .txt no image has a caption, nor a folder name to fall back on
+    message = one_line_error(f"kohya:{tmp_path}", caption_extension=".txt")  # no caption, nor a folder name to fall back on
     assert "b.png" in message and "--caption-extension" in message
 
 

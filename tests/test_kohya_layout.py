@@ -44,7 +44,7 @@ def test_only_numbered_sub_folders_are_read_and_what_kohya_skips_is_said(tmp_pat
     folders, loose, uncaptioned = warnings
     assert "skipped 3 sub-folders" in folders and "0_cat" in folders and "N_name" in folders and ".cache" not in folders
     assert "skipped 1 image" in loose and "loose.png" in loose
-    assert "1 image without a .txt caption file" in uncaptioned and "f.png" in uncaptioned
+    assert "1 image of 2 without a .caption or .txt caption file" in uncaptioned and "f.png" in uncaptioned
 
 
 def test_the_name_is_everything_after_the_first_underscore_and_may_be_empty(tmp_path, capsys):
@@ -53,7 +53,7 @@ def test_the_name_is_everything_after_the_first_underscore_and_may_be_empty(tmp_
     image(tmp_path / "1" / "c.png", caption="a captioned one")
     dataset = build_dataset(f"kohya:{tmp_path}", resolution=RES)
     assert captions(dataset) == [("1/b.png", [""]), ("1/c.png", ["a captioned one"])] + [("3_sks_dog_v2/a.png", ["sks_dog_v2"])] * 3
-    assert "2 images without a .txt caption file" in capsys.readouterr().err
+    assert "2 images of 3 without a .caption or .txt caption file" in capsys.readouterr().err
 
 
 def test_nothing_to_read_names_the_layout_kohya_expects(tmp_path):
