@@ -15,7 +15,6 @@ from conftest import one_error_line
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import restune_sd.train as training
 from restune_sd.classify import ClassifyConfig, classify
 from restune_sd.cli.main import app
 from restune_sd.datasets import make_synthetic, make_synthetic_classification
@@ -24,6 +23,7 @@ from restune_sd.errors import UserError
 from restune_sd.optimizers import build_optimizer
 from restune_sd.tiny import write_tiny_vit
 from restune_sd.train import Encoders, TrainConfig, load_components, train
+from restune_sd.validation import held_out_data, validation_loss
 
 runner = CliRunner()
 # Each optimizer's usual settings, and one of them as its checkpointed param_groups hold it: the state is its own.
@@ -173,8 +173,8 @@ def test_validation_ema_validates_the_averaged_weights_and_leaves_training_alone
     from restune_sd.io import load_tuner
 
     load_tuner(comps.unet, tmp_path / "ema" / "tuner-ema")
-    held_out = training.held_out_data(cfg, cfg.resolution)
-    expected = training.validation_loss(comps.unet.eval(), Encoders(comps, torch.float32), held_out, cfg, "cpu")
+    held_out = held_out_data(cfg, cfg.resolution)
+    expected = validation_loss(comps.unet.eval(), Encoders(comps, torch.float32), held_out, cfg, "cpu")
     assert losses["ema"] == pytest.approx(expected, rel=1e-5) and losses["ema"] != losses["raw"]
 
 

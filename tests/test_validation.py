@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 import restune_sd.train as training
 from restune_sd.cli.main import app
 from restune_sd.datasets import make_synthetic
-from restune_sd.train import TrainConfig, held_out_split, train
+from restune_sd.train import TrainConfig, train
+from restune_sd.validation import VALIDATION_DRAW, held_out_split
 
 runner = CliRunner()
 
@@ -69,7 +70,7 @@ def test_validation_at_the_end_and_a_held_out_loss_at_fixed_draws(tiny, data, tm
     real_loss = training.diffusion_loss
 
     def counting(unet, encoders, batch, cfg, step, device):
-        if step == training.VALIDATION_DRAW:
+        if step == VALIDATION_DRAW:
             seen.append(batch["index"].tolist())
         return real_loss(unet, encoders, batch, cfg, step, device)
 
