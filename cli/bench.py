@@ -1,4 +1,5 @@
 """`restune-sd bench sd|vit`: every tuner's parameters, peak memory, step time and sampling speed, side by side;
+`restune-sd bench vit --task`: a whole VTAB-1K-sized task's wall time, bypass on cached taps against LoRA;
 `restune-sd bench digits`: every tuner on real images (handwritten digits), both backbones."""
 
 from pathlib import Path
@@ -30,6 +31,12 @@ def bench(
     part: Annotated[str, typer.Option(help="digits: vit, sd or vit,sd")] = "vit,sd",
     seeds: Annotated[str, typer.Option(help="digits: comma-separated seeds; figures are their mean and spread (the sd part uses the first two)")] = "0,1,2,3",
     quick: Annotated[bool, typer.Option(help="digits: a few steps of everything (checks the pipeline; figures mean nothing)")] = False,
+    task: Annotated[bool, typer.Option(help="vit: a whole VTAB-1K-sized task's wall time through `classify train` (1,000 "
+                                            "images, 100 epochs, batch 64): bypass on cached taps vs LoRA; runs that "
+                                            "run the backbone are timed over --steps and extrapolated unless --whole")] = False,
+    whole: Annotated[bool, typer.Option(help="vit --task: run every contender's whole task (hours for LoRA on a CPU)")] = False,
+    micro_batch: Annotated[int, typer.Option(help="vit --task: images per forward of runs that run the backbone "
+                                                  "(gradient accumulation makes up 64)")] = 64,
 ):
     """Measure each tuner in a fresh process of its own, with ratios to LoRA and to full fine-tuning from the same run."""
     if kind == "digits":
@@ -37,6 +44,17 @@ def bench(
 
         run_digits(DigitsConfig(output=output, parts=tuple(part.split(",")), seeds=whole_numbers("--seeds", seeds),
                                 presets=tuple(tuners.split(",")) if tuners else None, quick=quick, overwrite=overwrite))
+        typer.echo((output / "results.md").read_text())
+        return
+    if task or whole or micro_batch != 64:
+        from restune_sd.errors import UserError
+        from restune_sd.evaluation.bench_vit_task import TaskBenchConfig, run_task_bench
+
+        if kind != "vit" or not task or tuners or batch != 1:
+            raise UserError("--task, --whole and --micro-batch go together as `bench vit --task`, which times its own "
+                            "contenders at batch 64: drop --tuners and --batch")
+        run_task_bench(TaskBenchConfig(output=output, steps=steps, warmup=warmup, micro_batch=micro_batch,
+                                       precision=precision, whole=whole, overwrite=overwrite))
         typer.echo((output / "results.md").read_text())
         return
     from restune_sd.evaluation.bench import BenchConfig, run_bench

@@ -46,6 +46,9 @@ def train(
     resolution: Annotated[int | None, typer.Option(help="image size (default: the model's own, 224 for ViT-B/16)")] = None,
     random_flip: Annotated[bool | None, typer.Option(
         help="random horizontal flips of training images (default: the data's protocol: on for FGVC, off otherwise)")] = None,
+    cache_taps: Annotated[str, typer.Option(
+        help="bypass and linear: compute each training image's frozen-ViT taps (class tokens) once and train on them: "
+             "yes, no, or auto (yes without random flips or crops, when the run sees every image)")] = "auto",
     max_steps: MaxSteps = None,
     epochs: Epochs = 100,
     batch_size: BatchSize = 64,

@@ -12,6 +12,7 @@ from restune_sd.datasets.finegrained import (
 from restune_sd.datasets.folder import read_metadata_folder
 from restune_sd.datasets.hf import read_hf
 from restune_sd.datasets.kohya import read_kohya_folder
+from restune_sd.datasets.masks import Masks
 from restune_sd.datasets.tags import TagOptions
 from restune_sd.errors import UserError
 
@@ -67,11 +68,12 @@ def build_dataset(spec: str, *, split: str = "train", resolution: int = 512, cen
                   random_flip: bool = False, caption_template: str = "a photo of a {}", seed: int = 0,
                   caption_extension: str | None = None, image_column: str = "image", caption_column: str = "text",
                   caption_dropout: float = 0.0, bucket_sizes: list[tuple[int, int]] | None = None,
-                  tags: TagOptions = TagOptions()) -> CaptionDataset:
+                  tags: TagOptions = TagOptions(), masked_loss: bool = False, mask_dir: str | None = None
+                  ) -> CaptionDataset:
     """The dataset named by `spec` (PREFIX:ROOT), checked on disk before anything is returned; see LAYOUTS.
 
     `caption_extension` applies to kohya: (None: .caption, else .txt), the columns to hf:; see CaptionDataset for the
-    rest.
+    rest. With `masked_loss` each image's loss mask is found beside it or in `mask_dir` (datasets/masks.py).
     """
     options = {"caption_extension": caption_extension, "image_column": image_column, "caption_column": caption_column}
     prefix, colon, root = spec.partition(":")
@@ -92,5 +94,6 @@ def build_dataset(spec: str, *, split: str = "train", resolution: int = 512, cen
         items = [(path, [caption_template.format(name)]) for path, name in items]
     if not items:
         raise UserError(f"{spec} has no images in its {split} split: check the data set's split files")
+    masks = Masks.find([source for source, _ in items], mask_dir, spec) if masked_loss else None
     return CaptionDataset(items, name=spec, resolution=resolution, center_crop=center_crop, random_flip=random_flip,
-                          seed=seed, caption_dropout=caption_dropout, bucket_sizes=bucket_sizes, tags=tags)
+                          seed=seed, caption_dropout=caption_dropout, bucket_sizes=bucket_sizes, tags=tags, masks=masks)

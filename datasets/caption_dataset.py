@@ -7,8 +7,9 @@ import torch
 
 from restune_sd.datasets.buckets import Buckets
 from restune_sd.datasets.image_files import ImageFiles, image_size, item_rng  # noqa: F401 (item_rng: coco.py imports it from here)
+from restune_sd.datasets.masks import Masks
 from restune_sd.datasets.tags import TagOptions
-from restune_sd.datasets.transforms import TrainTransform
+from restune_sd.datasets.transforms import TrainTransform, to_signed_tensor
 
 
 class CaptionDataset(ImageFiles):
@@ -21,12 +22,15 @@ class CaptionDataset(ImageFiles):
     `num_corrupt`; with DataLoader workers each process keeps its own count.
     Items are squares of `resolution` pixels, or with `bucket_sizes` crops to the bucket of the index asked for (so a
     replacement image still fits its batch); `buckets` says which.
+    With `masks` (--masked-loss) items also hold "mask": [1, H, W] in [0, 1], cropped and flipped as the image is.
     """
 
     def __init__(self, records: list[tuple[Path, list[str]]], *, name: str, resolution: int = 512,
                  center_crop: bool = True, random_flip: bool = False, seed: int = 0, caption_dropout: float = 0.0,
-                 bucket_sizes: list[tuple[int, int]] | None = None, tags: TagOptions = TagOptions()):
+                 bucket_sizes: list[tuple[int, int]] | None = None, tags: TagOptions = TagOptions(),
+                 masks: Masks | None = None):
         super().__init__([path for path, _ in records], name=name, seed=seed)
+        self.masks = masks
         self._captions = [list(captions) for _, captions in records]
         self.transform = TrainTransform(resolution, center_crop, random_flip)
         self.caption_dropout, self.tags = caption_dropout, tags
@@ -57,10 +61,14 @@ class CaptionDataset(ImageFiles):
         captions = self._captions[current]
         caption = captions[rng.randrange(len(captions))]
         size = self.buckets.sizes[self.buckets.of[index]] if self.buckets else None
-        pixels, flipped = self.transform.apply(image, rng, size)
+        placement = self.transform.place(image.size, rng, size)
+        pixels, flipped = to_signed_tensor(placement.apply(image)), placement.flipped
         if self.caption_dropout and rng.random() < self.caption_dropout:
             caption = ""
         elif self.tags.active:  # drawn after everything else, so runs without it draw what they drew before
             caption = self.tags.apply(caption, rng)
-        return {"pixel_values": pixels, "caption": caption, "index": current, "flipped": flipped,
+        item = {"pixel_values": pixels, "caption": caption, "index": current, "flipped": flipped,
                 "skipped": (current - index) % len(self)}
+        if self.masks is not None:
+            item["mask"] = self.masks.transformed(current, self.paths[current], image.size, placement)
+        return item

@@ -11,6 +11,7 @@ from restune_sd.datasets.checks import (
     descend, load_mat, read_lines, read_pairs, require_folder, require_images, require_root,
 )
 from restune_sd.datasets.flower_names import FLOWER_NAMES
+from restune_sd.datasets.masks import is_mask_file
 from restune_sd.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -220,7 +221,8 @@ def read_food101(root, split: str) -> list[tuple[Path, str]]:
 
 
 def read_class_folders(root, split: str) -> list[tuple[Path, str]]:
-    """One sub-folder per class, named after it ('red_fox' -> 'red fox'); hidden files and folders are ignored."""
+    """One sub-folder per class, named after it ('red_fox' -> 'red fox'); hidden files and folders, and --masked-loss
+    masks (<stem>.mask.png), are ignored."""
     root = require_root(root, "classfolder", "one sub-folder of images per class")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
@@ -228,7 +230,8 @@ def read_class_folders(root, split: str) -> list[tuple[Path, str]]:
                         "(for captioned images use folder: with a metadata.jsonl)")
     items = []
     for folder in folders:
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        files = sorted(p for p in folder.iterdir()
+                       if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and not is_mask_file(p))
         if not files:
             raise UserError(f"classfolder: class folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}): "
                             "add images or remove the folder")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from restune_sd.datasets.checks import require_root
 from restune_sd.datasets.finegrained import IMAGE_SUFFIXES
+from restune_sd.datasets.masks import is_mask_file
 from restune_sd.errors import UserError
 from restune_sd.files import warn
 
@@ -43,8 +44,9 @@ def read_caption(image: Path, extensions: tuple[str, ...]) -> str | None:
 
 
 def images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+    """The training images in `folder`: not hidden files, nor --masked-loss masks (<stem>.mask.png)."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+                  and not is_mask_file(p) and p.is_file())
 
 
 def count(things: list, what: str) -> str:

@@ -2,6 +2,7 @@
 crop a square, map to [-1, 1]."""
 
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,10 +47,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def cover_size(image_size: tuple[int, int], width: int, height: int) -> tuple[int, int]:
+    """(width, height) of an image of `image_size` scaled as little as possible to cover `width` x `height`."""
+    scale = max(width / image_size[0], height / image_size[1])
+    return max(width, round(image_size[0] * scale)), max(height, round(image_size[1] * scale))
+
+
 def resize_to_cover(image: Image.Image, width: int, height: int) -> Image.Image:
     """The image scaled (bicubic, antialiased) as little as possible to cover `width` x `height`."""
-    scale = max(width / image.width, height / image.height)
-    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    size = cover_size(image.size, width, height)
     if size == image.size:
         return image
     # PIL's resize widens its filter when shrinking, which is the antialiasing torchvision asks for explicitly.
@@ -83,20 +89,39 @@ class TrainTransform:
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
         return self.apply(image, rng)[0]
 
+    def place(self, image_size: tuple[int, int], rng: random.Random | None, size: tuple[int, int] | None = None,
+              flip: bool | None = None) -> "Placement":
+        """Where an image of `image_size` is cropped to `size` (width, height; default the square resolution) from,
+        and whether it is flipped; `flip` decides the flip instead of `rng` (with centre crops nothing is drawn then:
+        encoding ahead of training)."""
+        width, height = size or (self.resolution, self.resolution)
+        resized = cover_size(image_size, width, height)
+        if self.center_crop:
+            left, top = (resized[0] - width) // 2, (resized[1] - height) // 2
+        else:
+            left, top = rng.randint(0, resized[0] - width), rng.randint(0, resized[1] - height)
+        flipped = flip if flip is not None else self.random_flip and rng.random() < 0.5
+        return Placement(resized, (left, top, left + width, top + height), flipped)
+
     def apply(self, image: Image.Image, rng: random.Random | None, size: tuple[int, int] | None = None,
               flip: bool | None = None) -> tuple[torch.Tensor, bool]:
-        """The image cropped to `size` (width, height; default the square resolution) and whether it was flipped.
+        """The image cropped to `size` (see place) as a tensor in [-1, 1], and whether it was flipped."""
+        placement = self.place(image.size, rng, size, flip)
+        return to_signed_tensor(placement.apply(image)), placement.flipped
 
-        `flip` decides the flip instead of `rng` (with centre crops nothing is drawn then: encoding ahead of training).
-        """
-        width, height = size or (self.resolution, self.resolution)
-        image = resize_to_cover(image, width, height)
-        if self.center_crop:
-            left, top = (image.width - width) // 2, (image.height - height) // 2
-        else:
-            left, top = rng.randint(0, image.width - width), rng.randint(0, image.height - height)
-        image = image.crop((left, top, left + width, top + height))
-        flipped = flip if flip is not None else self.random_flip and rng.random() < 0.5
-        if flipped:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_signed_tensor(image), flipped
+
+@dataclass(frozen=True)
+class Placement:
+    """One training crop's geometry: the size the image is resized to, the box cropped from it and the flip; applied
+    alike to an image and to its loss mask, so the two stay aligned pixel for pixel."""
+
+    resized: tuple[int, int]  # (width, height)
+    box: tuple[int, int, int, int]  # (left, top, right, bottom) in the resized image
+    flipped: bool
+
+    def apply(self, image: Image.Image) -> Image.Image:
+        if image.size != self.resized:
+            # PIL's resize widens its filter when shrinking, the antialiasing torchvision asks for explicitly.
+            image = image.resize(self.resized, Image.Resampling.BICUBIC)
+        image = image.crop(self.box)
+        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if self.flipped else image

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from restune_sd.config import BypassSpec
+from restune_sd.kernels import PlainKernels
 from restune_sd.sites import hidden_input
 from restune_sd.tuners import GroupedLinear, ResAdapter
 
@@ -124,15 +125,22 @@ class Bypass(nn.Module):
         self._tap = Tap(select)
         self.strength = None  # None: replace the target's input (unstacked); a number: a stacked bypass's weight
         self._grad_was = []
+        self._plain = []  # per frozen forward in progress: whether it still counts in the kernels' `active`
+        self._kernels = None
         self._handles = []
 
-    def attach(self, entry: nn.Module, root: nn.Module, stems: list[nn.Module], target: nn.Module) -> "Bypass":
+    def attach(self, entry: nn.Module, root: nn.Module, stems: list[nn.Module], target: nn.Module,
+               plain_kernels: bool = False) -> "Bypass":
+        """Hooks on `entry` (grad off), `root` and `stems` (taps) and `target` (the ladder's output); with
+        `plain_kernels`, a training step's frozen forward runs heavy-weight CPU convolutions without oneDNN
+        (kernels.py; measured on SD)."""
         self._handles += [
             entry.register_forward_pre_hook(self._enter),
             entry.register_forward_hook(self._leave, always_call=True),
             target.register_forward_pre_hook(self._substitute),
             *self._tap.attach(root, stems),
         ]
+        self._kernels = PlainKernels.for_backbone(entry, self.ladder) if plain_kernels else PlainKernels()
         return self
 
     @property
@@ -148,11 +156,20 @@ class Bypass(nn.Module):
         self._grad_was.append(torch.is_grad_enabled())
         self._tap.take()
         torch.set_grad_enabled(False)  # the backbone saves no activations and gets no gradient
+        training = self._grad_was[-1]  # sampling keeps oneDNN, so it draws exactly what a stock pipeline draws
+        self._kernels.active += training
+        self._plain.append(training)
+
+    def _end_frozen(self) -> None:
+        if self._plain and self._plain[-1]:
+            self._kernels.active -= 1
+            self._plain[-1] = False
 
     def _substitute(self, module, args):
         if not self._grad_was:  # the target called on its own, outside a backbone forward
             return None
         torch.set_grad_enabled(self._grad_was[-1])
+        self._end_frozen()
         root, stems = self._tap.take()
         out = self.ladder(root, stems)
         if self.strength is None or (self.strength == 1.0 and args[0] is stems[-1]):  # nothing added before it
@@ -161,4 +178,6 @@ class Bypass(nn.Module):
 
     def _leave(self, module, args, output):
         torch.set_grad_enabled(self._grad_was.pop())
+        self._end_frozen()
+        self._plain.pop()
         self._tap.take()

@@ -19,6 +19,7 @@ from restune_sd.bounds import MAX_RESOLUTION, require_number
 from restune_sd.errors import UserError
 from restune_sd.loop import WHOLE, Job, RunConfig, Session, fit
 from restune_sd.recipes import fill_recipe
+from restune_sd.taps import CACHE_TAPS, FOLDER as TAPS_FOLDER, with_cached_taps
 
 DEFAULT_NORMALISATION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # google/vit-base-patch16-224-in21k's own
 MAX_BATCH_SIZE = 1024  # images per forward when scoring or predicting: far above what one accelerator holds at 224 px
@@ -37,6 +38,10 @@ class ClassifyConfig(RunConfig):
     resolution: int | None = None
     random_flip: bool | None = field(default=None, metadata={"help": "random flips of training images; None: the data's "
                                                                     "protocol (FGVC: on, VTAB-1K and class folders: off)"})
+    cache_taps: str = field(default="auto", metadata={"help": "bypass and linear: compute what each training image shows "
+                                                              "them from the frozen ViT once and train on it: yes, no, or "
+                                                              "auto (yes when nothing random touches the images and the "
+                                                              "run draws each at least once)"})
     warmup_epochs: int = 10
     eval_batch_size: int = 64
     epochs: int = 100
@@ -46,7 +51,7 @@ class ClassifyConfig(RunConfig):
     weight_decay: float = 1e-4
     lr_scheduler: str = "cosine"
 
-    SAFE_ON_RESUME: ClassVar[tuple[str, ...]] = RunConfig.SAFE_ON_RESUME + ("eval_split", "eval_batch_size")
+    SAFE_ON_RESUME: ClassVar[tuple[str, ...]] = RunConfig.SAFE_ON_RESUME + ("eval_split", "eval_batch_size", "cache_taps")
     BOUNDS: ClassVar[dict] = {**RunConfig.BOUNDS, "warmup_epochs": {**WHOLE, "minimum": 0},
                               "eval_batch_size": {**WHOLE, "minimum": 1},
                               "resolution": {**WHOLE, "minimum": 1, "maximum": MAX_RESOLUTION, "optional": True}}
@@ -58,6 +63,8 @@ class ClassifyConfig(RunConfig):
         if self.random_flip is None:
             self.random_flip = protocol_crops(self.data)
         super().__post_init__()
+        if self.cache_taps not in CACHE_TAPS:
+            raise UserError(f"unknown --cache-taps {self.cache_taps!r}: use {', '.join(CACHE_TAPS)}")
 
     def warmup(self, steps_per_epoch: int) -> int:
         """Warm-up in steps: --warmup-steps if given, else --warmup-epochs whole epochs."""
@@ -170,12 +177,13 @@ def classifier_job(session: Session) -> Job:
                 "num_classes": train_set.num_classes}
 
     preprocessing = {"resolution": resolution, "image_mean": list(mean), "image_std": list(std), "resize_crop": layout.crop}
-    return Job(model, train_set, cross_entropy, record=preprocessing, finish=finish, tuner_extra=preprocessing)
+    job = Job(model, train_set, cross_entropy, record=preprocessing, finish=finish, tuner_extra=preprocessing)
+    return with_cached_taps(job, session, crops=layout.crop, batch_size=cfg.eval_batch_size)
 
 
 def classify(cfg: ClassifyConfig, given: set[str] | None = None) -> dict:
     """Tune (or resume tuning) a ViT classifier; results also in RUN_DIR/results.json, with top-1 on the eval split."""
-    return fit(cfg, "vit", classifier_job, given)
+    return fit(cfg, "vit", classifier_job, given, early_files=(TAPS_FOLDER,))
 
 
 def trained_preprocessing(model: str, tuner: str) -> dict:

@@ -1,9 +1,10 @@
-"""The frozen VAE and text encoder of a diffusion run, with their caches on disk: one safetensors file per latent
-(image, flip, crop size) and per caption, written once and read on demand; and encoding a data set's latents once
-before training, as kohya does, where every sample's crop is known in advance."""
+"""The frozen VAE and text encoder of a diffusion run, with their caches on disk: one safetensors file per latent (in
+a store of latent_cache.py: shared by runs, or the run's own) and per caption, written once and read on demand; and
+encoding a data set's latents once before training, as kohya does, where every sample's crop is known in advance."""
 
 import hashlib
 import os
+import secrets
 from pathlib import Path
 
 import torch
@@ -43,7 +44,8 @@ class TensorFiles:
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         """Write to a file of this process's own, then rename: processes writing one key never meet half a file."""
         path = self.path(key)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        # pid and a random part: runs on two machines sharing the folder may have one pid
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         with writing(path, "free some space"):
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
@@ -87,15 +89,25 @@ def long_captions(captions, tokenizer) -> str | None:
 
 class Encoders:
     """The frozen VAE and text encoder; latents and text embeddings come from their caches where these hold them.
-    Text embeddings are taken `clip_skip` layers before the text encoder's last (see text_embeddings)."""
+    Text embeddings are taken `clip_skip` layers before the text encoder's last (see text_embeddings). With
+    `text_trains` (a LoRA on the text encoder) they are computed with autograd, and never cached."""
 
-    def __init__(self, comps, dtype, latents: Path | None = None, texts: Path | None = None, clip_skip: int = 0):
-        self.comps, self.dtype, self.clip_skip = comps, dtype, clip_skip
-        self.latents = TensorFiles(latents) if latents else None
-        self.texts = TensorFiles(texts) if texts else None
+    def __init__(self, comps, dtype, latents: Path | None = None, texts: Path | None = None, clip_skip: int = 0,
+                 text_trains: bool = False):
+        self.comps, self.dtype, self.clip_skip, self.text_trains = comps, dtype, clip_skip, text_trains
+        if isinstance(latents, Path):  # a run's own folder, keyed by sample
+            from restune_sd.latent_cache import RunLatents
 
-    @torch.no_grad()
+            latents = RunLatents(latents)
+        self.latents = latents  # a latent store of restune_sd.latent_cache, or None
+        self.counts = {"latents_encoded": 0, "latents_from_cache": 0}  # this process's VAE encodes and cache hits
+        self.texts = TensorFiles(texts) if texts and not text_trains else None
+
     def text(self, captions: list[str], device) -> torch.Tensor:
+        with torch.set_grad_enabled(self.text_trains and torch.is_grad_enabled()):
+            return self.embed(captions, device)
+
+    def embed(self, captions: list[str], device) -> torch.Tensor:
         found = {c: self.texts.get(caption_key(c)) for c in dict.fromkeys(captions)} if self.texts else {}
         found = {c: saved["embedding"] for c, saved in found.items() if saved is not None}
         missing = [c for c in dict.fromkeys(captions) if c not in found]
@@ -111,17 +123,26 @@ class Encoders:
 
     @torch.no_grad()
     def latent_moments(self, pixels: torch.Tensor, keys: list[str], device):
-        """Each sample's latent mean and std: from the cache where it holds the key (the value first computed for it),
-        else encoded now and, with a cache, kept."""
-        saved = [self.latents.get(key) for key in keys] if self.latents else [None] * len(keys)
-        missing = [i for i, s in enumerate(saved) if s is None]
+        """Each sample's latent mean and std: from the cache where it holds a sound entry for the sample's key (the
+        value first computed for it), else encoded now, once per distinct key, and with a cache kept. `keys` are the
+        samples' own (latent_key); a shared store keys them by their pixels instead."""
+        from restune_sd.latent_cache import latent_shape, sound_moments
+
+        keys = self.latents.keys(pixels, keys) if self.latents else [str(i) for i in range(len(pixels))]
+        shape = latent_shape(self.comps.vae.config, pixels.shape[-2:])
+        saved = {key: self.latents.get(key) for key in dict.fromkeys(keys)} if self.latents else {}
+        saved = {key: entry for key, entry in saved.items() if sound_moments(entry, shape)}
+        self.counts["latents_from_cache"] += sum(key in saved for key in keys)
+        missing = [i for i, key in enumerate(keys) if key not in saved and keys.index(key) == i]  # first of each key
         if missing:
             dist = self.comps.vae.encode(pixels[missing].to(device, self.dtype)).latent_dist
+            self.counts["latents_encoded"] += len(missing)
             for i, mean, std in zip(missing, dist.mean, dist.std):
-                saved[i] = {"mean": mean, "std": std}
+                saved[keys[i]] = {"mean": mean, "std": std}
                 if self.latents:
-                    self.latents.put(keys[i], saved[i])
-        return (torch.stack([s["mean"].to(device) for s in saved]), torch.stack([s["std"].to(device) for s in saved]))
+                    self.latents.put(keys[i], saved[keys[i]])
+        return (torch.stack([saved[k]["mean"].to(device) for k in keys]),
+                torch.stack([saved[k]["std"].to(device) for k in keys]))
 
     def encode_ahead(self, dataset, flips: tuple[bool, ...], rank: int, world: int, device, show: bool) -> int:
         """Encode every latent the run can ask for (each image at its crop, with each flip in `flips`) into the cache,
@@ -130,21 +151,20 @@ class Encoders:
 
         groups = {}  # a chunk stacks: one crop size, one flip
         for flip in flips:
-            for index in range(len(dataset)):
+            for index in self.latents.distinct(dataset):  # a shared store looks up an image listed N times once
                 groups.setdefault((dataset.crop_size(index), flip), []).append(index)
         chunks = [[(index, flip) for index in members[i:i + ENCODE_CHUNK]]
                   for (_, flip), members in sorted(groups.items()) for i in range(0, len(members), ENCODE_CHUNK)]
-        encoded = 0
+        before = self.counts["latents_encoded"]
         for chunk in tqdm(chunks[rank::world], desc="encoding latents", unit="chunk", disable=not show):
-            # A resumed run finds its chunks on disk: only existence is checked, before any image is decoded (a
-            # damaged file is encoded again when a step first reads it; a corrupt image's key is missing, so its
-            # replacement is decoded and encoded here).
+            # A resumed run finds its chunks on disk: with the run's own store only existence is checked, before any
+            # image is decoded (a damaged file is encoded again when a step first reads it; a corrupt image's key is
+            # missing, so its replacement is decoded and encoded here). A shared store needs the pixels for its keys.
             indices, flips = [index for index, _ in chunk], [flip for _, flip in chunk]
-            if all(self.latents.path(key).is_file() for key in keys_of(indices, flips, dataset.crop_size(indices[0]))):
+            if self.latents.holds(keys_of(indices, flips, dataset.crop_size(indices[0]))):
                 continue
             items = [dataset.fixed_item(index, flip) for index, flip in chunk]
             batch = {"pixel_values": torch.stack([pixels for _, pixels in items]),
                      "index": torch.tensor([current for current, _ in items]), "flipped": torch.tensor(flips)}
             self.latent_moments(batch["pixel_values"], latent_key(batch), device)
-            encoded += len(chunk)
-        return encoded
+        return self.counts["latents_encoded"] - before

@@ -1,7 +1,7 @@
 """LoRA tuners as the files other tools read: diffusers' `pytorch_lora_weights.safetensors` and kohya's key format
 (sd-scripts, A1111, ComfyUI), or merged into the frozen weights; a fully tuned ViT classifier (`full`, `linear`) as a
-transformers model folder, and a fully tuned UNet (`full`) inside a copy of its diffusers pipeline folder. Other tuner
-kinds have no foreign format."""
+transformers model folder, and a fully tuned UNet (`full`) inside a copy of its diffusers pipeline folder (as a bare
+UNet folder or an SD v1.x single file, a LoRA merged too: model_export.py). Other tuner kinds have no foreign format."""
 
 import json
 import os
@@ -17,19 +17,22 @@ from restune_sd.files import staging_folder, write_atomic, writing
 from restune_sd.config import TuningConfig
 from restune_sd.inject import unwrap
 from restune_sd.io import (CONFIG_FILE, LORA_FILE, WEIGHTS_FILE, find_tuner_dir, is_plain_unet_lora, lora_pairs,
-                           plain_class, read_tuner_config, read_weights, write_diffusers_lora)
+                           plain_class, read_tuner_config, read_weights, text_encoder_part, write_diffusers_lora)
+from restune_sd.kohya_metadata import kohya_metadata, with_hashes
+from restune_sd.text_encoder_lora import kohya_modules
 
-FORMATS = ("kohya", "diffusers", "vit-folder", "pipeline")
-MODEL_FOLDERS = ("vit-folder", "pipeline")  # formats that write a whole model folder, not a LoRA file
+FORMATS = ("kohya", "diffusers", "vit-folder", "pipeline", "diffusers-unet", "single-file")
+MODEL_FORMATS = ("vit-folder", "pipeline", "diffusers-unet", "single-file")  # a whole model, not a LoRA file
 
 
-def kohya_state(pairs: dict, alpha: float) -> dict[str, torch.Tensor]:
-    """kohya's keys: `lora_unet_<module path with _>.lora_down.weight`, `.lora_up.weight` and `.alpha`.
+def kohya_state(pairs: dict, alpha: float, prefix: str = "lora_unet_") -> dict[str, torch.Tensor]:
+    """kohya's keys: `lora_unet_<module path with _>.lora_down.weight`, `.lora_up.weight` and `.alpha` (the text
+    encoder's: `lora_te_<its path in transformers 4, text_model.encoder...>`).
 
     Their readers scale by alpha / rank, as PEFT does by lora_alpha / r, so the saved alpha is ours."""
     state = {}
     for module, (down, up) in pairs.items():
-        name = "lora_unet_" + module.replace(".", "_")
+        name = prefix + module.replace(".", "_")
         state |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
                   f"{name}.alpha": torch.tensor(float(alpha), dtype=down.dtype)}
     return state
@@ -75,14 +78,16 @@ def export_lora(tuner, fmt: str, output, overwrite: bool = False) -> dict:
     """Write the LoRA tuner at `tuner` (a tuner folder or run directory) as a `fmt` file at `output`."""
     if fmt not in FORMATS:
         raise UserError(f"unknown --format {fmt!r}: use one of {', '.join(FORMATS)}")
-    if fmt in MODEL_FOLDERS:
-        raise UserError(f"--format {fmt} writes a model folder: call export_vit_folder or export_pipeline")
+    if fmt in MODEL_FORMATS:
+        raise UserError(f"--format {fmt} writes a whole model: call export_vit_folder, export_pipeline, or "
+                        "restune_sd.model_export's export_unet_folder or export_single_file")
     folder = find_tuner_dir(tuner)
     meta = read_tuner_config(folder)
     if not is_plain_unet_lora(meta):
         kind = f"{meta['tuning'].get('name', 'custom')!r} {meta['backbone']['kind']}"
-        raise UserError(f"tuner {folder} ({kind} tuner) has no foreign format, only UNet LoRA tuners do: use it with "
-                        f"`restune-sd sample --tuner {tuner}` or restune_sd.load_tuner")
+        alone = " (its text-encoder LoRA alone would leave its UNet tuner out)" if "text_encoder_lora" in meta else ""
+        raise UserError(f"tuner {folder} ({kind} tuner) has no foreign format, only UNet LoRA tuners do{alone}: use it "
+                        f"with `restune-sd sample --tuner {tuner}` or restune_sd.load_tuner")
     path = export_output(output, fmt)
     refuse_own_input(path, folder)
     if path.exists() and not overwrite:
@@ -91,29 +96,36 @@ def export_lora(tuner, fmt: str, output, overwrite: bool = False) -> dict:
     alpha = lora.alpha or lora.rank
     state = read_weights(folder, meta)
     pairs = lora_pairs(state)
+    text_encoder = text_encoder_part(folder, meta)  # (its tensors, its record), or ()
+    text_pairs = kohya_modules(lora_pairs(text_encoder[0])) if text_encoder else {}
     hint = "choose an --output where you can write"
     with new_folder(path.parent, hint), writing(path, hint):
         if fmt == "kohya":
-            metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(lora.rank),
-                        "ss_network_alpha": str(alpha), "ss_base_model_version": "sd_v1"}
-            write_atomic(path, lambda tmp: save_file(kohya_state(pairs, alpha), str(tmp), metadata), hint)
+            keys = kohya_state(pairs, alpha)
+            if text_encoder:
+                keys |= kohya_state(text_pairs, text_encoder[1]["alpha"], "lora_te_")
+            metadata = with_hashes(keys, kohya_metadata(folder, meta, lora.rank, alpha, path))
+            write_atomic(path, lambda tmp: save_file(keys, str(tmp), metadata), hint)
         else:
-            write_diffusers_file(state, lora, path)
-    return {"file": str(path), "format": fmt, "lora_modules": len(pairs), "rank": lora.rank, "alpha": alpha}
+            write_diffusers_file(state, lora, path, *text_encoder)
+    return {"file": str(path), "format": fmt, "lora_modules": len(pairs), "rank": lora.rank, "alpha": alpha,
+            **({"text_encoder_lora_modules": len(text_pairs), "text_encoder_rank": text_encoder[1]["rank"],
+                "text_encoder_alpha": text_encoder[1]["alpha"]} if text_encoder else {})}
 
 
-def write_diffusers_file(state: dict, lora, path: Path) -> None:
+def write_diffusers_file(state: dict, lora, path: Path, *text_encoder) -> None:
     """diffusers writes into a folder: write into a temporary sibling folder, then rename the file into place."""
     staging = staging_folder(path)
     try:
-        os.replace(write_diffusers_lora(state, lora, staging), path)
+        os.replace(write_diffusers_lora(state, lora, staging, *text_encoder), path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 def merge_lora(model):
     """Fold a LoRA tuner into the frozen weights it adapts and remove it: `model` (a backbone or a pipeline holding
-    one) is a plain model again, whose `save_pretrained` writes the merged weights. Returns `model`."""
+    one) is a plain model again, whose `save_pretrained` writes the merged weights; a text-encoder LoRA loaded with it
+    is folded into the text encoder. Returns `model`."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     backbone = unwrap(model)
@@ -122,12 +134,13 @@ def merge_lora(model):
         raise UserError("merge_lora folds a LoRA tuner into the weights: this model carries "
                         + ("no restune-sd tuner" if tuned is None else "other tuners, which cannot be merged (keep them with save_tuner)"))
     with torch.no_grad():
-        for name, layer in list(backbone.named_modules()):
-            if isinstance(layer, BaseTunerLayer):
-                layer.merge()
-                parent, _, child = name.rpartition(".")
-                setattr(backbone.get_submodule(parent), child, layer.get_base_layer())
-    del backbone.peft_config
+        for tuned_module in (backbone, *([tuned.text_encoder_lora.module] if tuned.text_encoder_lora else [])):
+            for name, layer in list(tuned_module.named_modules()):
+                if isinstance(layer, BaseTunerLayer):
+                    layer.merge()
+                    parent, _, child = name.rpartition(".")
+                    setattr(tuned_module.get_submodule(parent), child, layer.get_base_layer())
+            del tuned_module.peft_config
     backbone.restune = None
     for plain in (model, backbone):
         plain.__class__ = plain_class(plain)
@@ -155,6 +168,7 @@ def export_vit_folder(tuner, output, model: str | None = None, overwrite: bool =
 
     from restune_sd.classify import frozen_vit, trained_preprocessing
     from restune_sd.io import load_tuner
+    from restune_sd.model_export import write_model_folder
 
     folder = find_tuner_dir(tuner)
     meta = read_tuner_config(folder)
@@ -173,17 +187,12 @@ def export_vit_folder(tuner, output, model: str | None = None, overwrite: bool =
     side = prep["resolution"]
     processor = ViTImageProcessor(size={"height": side, "width": side}, image_mean=list(prep["image_mean"]),
                                   image_std=list(prep["image_std"]))
-    hint = "choose an --output where you can write"
-    with new_folder(output.parent, hint), writing(output, hint):
-        staging = staging_folder(output)
-        try:
-            vit.save_pretrained(staging, safe_serialization=True)
-            processor.save_pretrained(staging)
-            if output.exists():
-                shutil.rmtree(output)
-            os.replace(staging, output)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+
+    def fill(staging: Path) -> None:
+        vit.save_pretrained(staging, safe_serialization=True)
+        processor.save_pretrained(staging)
+
+    write_model_folder(output, fill)
     return {"folder": str(output), "format": "vit-folder", "model": str(model), "tuner": str(folder),
             "num_labels": vit.config.num_labels, "resolution": side}
 
@@ -202,47 +211,33 @@ def export_pipeline(tuner, output, model: str | None = None, overwrite: bool = F
     --model OUTPUT` load the tuned model. The scheduler predicts what the tuner was trained to predict.
 
     `model` is the local pipeline folder the tuner was trained on (default: the one its run's config.json names)."""
-    from restune_sd.io import read_fitting_tuner
-    from restune_sd.models import load_unet
+    from restune_sd.model_export import base_pipeline, is_full_unet, tuned_unet, write_model_folder
 
     folder = find_tuner_dir(tuner)
     meta = read_tuner_config(folder)
     tuning = meta["tuning"]
-    if meta["backbone"]["kind"] != "unet" or not tuning.get("full") or tuning.get("tuners") or tuning.get("lora"):
+    if not is_full_unet(meta):
         raise UserError(f"tuner {folder} ({tuning.get('name', 'custom')!r} {meta['backbone']['kind']} tuner) is not a UNet "
                         "tuned whole: only `full` UNet tuners export as a pipeline folder (a LoRA: --format diffusers)")
-    model = Path(model or run_model(folder))
-    if not (model / "model_index.json").is_file():
-        raise UserError(f"--model {model} is not a local diffusers pipeline folder (model_index.json): export copies "
-                        "its parts, so pass the folder the tuner was trained on")
+    if "text_encoder_lora" in meta:
+        raise UserError(f"tuner {folder} also holds a text-encoder LoRA, which a pipeline folder export would leave out: "
+                        "sample it with `restune-sd sample --tuner`, which applies both")
     output = Path(output)
     refuse_own_input(output, folder)
-    if output.resolve() == model.resolve() or output.resolve() in model.resolve().parents:
-        raise UserError(f"--output {output} is the pipeline folder export reads, or holds it: choose a new folder")
+    model = base_pipeline(folder, model, output)
     refuse_taken_output(output, overwrite, "model_index.json")
-    unet = load_unet(str(model))
-    read_fitting_tuner(folder, unet)  # its architecture is this UNet's
-    state = read_weights(folder, meta)
-    missing, unexpected = unet.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"tuner {folder} does not fit {model}'s UNet: {len(missing)} missing and {len(unexpected)} "
-                        f"unexpected weights (e.g. {(missing or unexpected)[0]})")
-    hint = "choose an --output where you can write"
-    with new_folder(output.parent, hint), writing(output, hint):
-        staging = staging_folder(output)
-        try:
-            for part in model.iterdir():
-                if part.name != "unet" and not part.name.startswith("."):
-                    (shutil.copytree if part.is_dir() else shutil.copy2)(part, staging / part.name)
-            unet.save_pretrained(staging / "unet", safe_serialization=True)
-            predicts = meta.get("prediction_type")
-            if predicts in ("epsilon", "v_prediction") and (staging / "scheduler" / "scheduler_config.json").is_file():
-                set_prediction_type(staging / "scheduler" / "scheduler_config.json", predicts)
-            if output.exists():
-                shutil.rmtree(output)
-            os.replace(staging, output)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    unet = tuned_unet(folder, meta, model)
+
+    def fill(staging: Path) -> None:
+        for part in model.iterdir():
+            if part.name != "unet" and not part.name.startswith("."):
+                (shutil.copytree if part.is_dir() else shutil.copy2)(part, staging / part.name)
+        unet.save_pretrained(staging / "unet", safe_serialization=True)
+        predicts = meta.get("prediction_type")
+        if predicts in ("epsilon", "v_prediction") and (staging / "scheduler" / "scheduler_config.json").is_file():
+            set_prediction_type(staging / "scheduler" / "scheduler_config.json", predicts)
+
+    write_model_folder(output, fill)
     return {"folder": str(output), "format": "pipeline", "model": str(model), "tuner": str(folder),
             "unet_params": sum(p.numel() for p in unet.parameters()), "prediction_type": meta.get("prediction_type")}
 

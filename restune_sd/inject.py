@@ -31,6 +31,7 @@ class Tuned:
     param_names: list[str] = field(default_factory=list)  # trainable tuner parameters, the head excluded
     head_names: list[str] = field(default_factory=list)
     stack: list = field(default_factory=list)  # (tuner, weight) of every tuner stacked on it (restune_sd.stacking)
+    text_encoder_lora: object = None  # a TextEncoderLora trained or loaded with it (restune_sd.text_encoder_lora)
 
 
 def is_tuner_param(name: str) -> bool:
@@ -149,7 +150,8 @@ def _attach_bypass(kind: str, model, spec, name: str = "restune_bypass") -> None
     widths = [model.config.block_out_channels[-1]]
     widths += [block.resnets[-1].out_channels for block in model.up_blocks]
     ladder = BypassLadder(model.config.block_out_channels[-1], widths, spec)
-    setattr(model, name, Bypass(ladder).attach(model, model.mid_block, stems, model.conv_norm_out))
+    setattr(model, name, Bypass(ladder).attach(model, model.mid_block, stems, model.conv_norm_out,
+                                                 plain_kernels=True))
 
 
 def _attach_lora(kind: str, model, spec, adapter_name: str = "default") -> None:

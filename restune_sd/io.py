@@ -20,10 +20,12 @@ from torch import nn
 from restune_sd.attention import guard_processors
 from restune_sd.config import TuningConfig
 from restune_sd.errors import UserError
-from restune_sd.files import read_text, readable_file, staging_folder
+from restune_sd.files import read_bytes, read_text, readable_file, staging_folder, warn
 from restune_sd.inject import attach, backbone_kind, unwrap
 from restune_sd.schema import (CHECKSUM_FIELD, FORMAT, FORMAT_1, SIGNATURE_KEYS, check_tuner_config,
                                config_checksum)
+from restune_sd.text_encoder_lora import (TEXT_ENCODER_LORA_FILE, diffusers_layers, diffusers_metadata,
+                                          load_text_encoder_lora, write_text_encoder_lora)
 
 CONFIG_FILE = "tuner_config.json"
 WEIGHTS_FILE = "tuner.safetensors"
@@ -74,8 +76,10 @@ def save_tuner(model, path, extra: dict | None = None) -> Path:
     staging = staging_folder(path)
     try:
         save_file(state, str(staging / WEIGHTS_FILE))
+        if model.restune.text_encoder_lora:
+            meta["text_encoder_lora"] = write_text_encoder_lora(model.restune.text_encoder_lora, staging)
         if is_plain_unet_lora(meta):
-            write_diffusers_lora(state, model.restune.config.lora, staging)
+            write_diffusers_lora(state, model.restune.config.lora, staging, *text_encoder_part(staging, meta))
         meta["weights_sha256"] = hashlib.sha256((staging / WEIGHTS_FILE).read_bytes()).hexdigest()
         meta[CHECKSUM_FIELD] = config_checksum(meta)
         check_tuner_config(json.loads(json.dumps(meta)), path)  # what load_tuner will accept: a wrong extra fails here
@@ -103,18 +107,31 @@ def lora_pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, 
             for name, tensor in state.items() if name.endswith(down)}
 
 
-def write_diffusers_lora(state: dict[str, torch.Tensor], lora, folder: Path) -> Path:
+def write_diffusers_lora(state: dict[str, torch.Tensor], lora, folder: Path, text_encoder_state: dict | None = None,
+                         text_encoder_record: dict | None = None) -> Path:
     """The LoRA also as diffusers writes it (`pytorch_lora_weights.safetensors`, its rank and alpha in the metadata), so
-    a stock pipeline's `load_lora_weights(folder)` applies it with no other argument."""
+    a stock pipeline's `load_lora_weights(folder)` applies it with no other argument; a text-encoder LoRA
+    (restune_sd.text_encoder_lora) goes in under `text_encoder.`, as `save_lora_weights` puts it."""
     from diffusers import StableDiffusionPipeline
 
     pairs = lora_pairs(state)
     layers = {f"{module}.lora.{part}.weight": tensor for module, (down, up) in pairs.items()
               for part, tensor in (("down", down), ("up", up))}
     metadata = {"r": lora.rank, "lora_alpha": lora.alpha or lora.rank, "target_modules": sorted(pairs)}
+    text_encoder = {} if text_encoder_state is None else {
+        "text_encoder_lora_layers": diffusers_layers(lora_pairs(text_encoder_state)),
+        "text_encoder_lora_adapter_metadata": diffusers_metadata(text_encoder_record)}
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata,
-                                              safe_serialization=True, weight_name=LORA_FILE)
+                                              safe_serialization=True, weight_name=LORA_FILE, **text_encoder)
     return folder / LORA_FILE
+
+
+def text_encoder_part(folder: Path, meta: dict) -> tuple[dict, dict] | tuple[()]:
+    """A tuner's text-encoder LoRA as (its tensors, its record), or () for a tuner without one."""
+    record = meta.get("text_encoder_lora")
+    if record is None:
+        return ()
+    return read_safetensors(folder / TEXT_ENCODER_LORA_FILE, record["weights_sha256"]), record
 
 
 def find_tuner_dir(path) -> Path:
@@ -163,9 +180,14 @@ def check_weights_checksum(path: Path, data: bytes, meta: dict) -> None:
 
 def read_weights(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
     """The tuner's tensors, checked against the checksum in its config; a damaged file is a UserError naming it."""
-    path = folder / WEIGHTS_FILE
-    data = path.read_bytes()
-    check_weights_checksum(path, data, meta)
+    return read_safetensors(folder / WEIGHTS_FILE, meta.get("weights_sha256"))
+
+
+def read_safetensors(path: Path, expected: str | None) -> dict[str, torch.Tensor]:
+    """A tuner folder's tensor file, checked against its `expected` SHA-256; a missing, damaged or non-finite file is a
+    UserError naming it."""
+    data = read_bytes(path, "tuner weights", "copy the tuner folder again")
+    check_weights_checksum(path, data, {"weights_sha256": expected})
     try:
         state = load_safetensors(data)
     except (SafetensorError, ValueError, OSError) as error:
@@ -241,6 +263,12 @@ def load_tuner(model, path):
     state = read_tuner_weights(folder, meta)
     attach(backbone, TuningConfig.from_dict(meta["tuning"]))
     copy_weights(backbone, folder, meta, state, set(backbone.restune.param_names + backbone.restune.head_names))
+    if "text_encoder_lora" in meta:
+        if getattr(model, "text_encoder", None) is None:
+            warn(f"tuner {folder} also holds a LoRA for the text encoder, which applies to a pipeline only: load it into "
+                 "a Stable Diffusion pipeline to use it")
+        else:
+            backbone.restune.text_encoder_lora = load_text_encoder_lora(model, folder, meta["text_encoder_lora"])
     mark_tuned(backbone)
     mark_tuned(model)
     return model

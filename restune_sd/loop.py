@@ -33,6 +33,7 @@ from restune_sd.runfolder import (FolderLock, RunPlan, checkpoint_state, clear_s
                                   write_marker, write_tuner)
 from restune_sd.streams import StepBatches, sample_stream, seeded  # noqa: F401  (seeded: the jobs' draws)
 from restune_sd.summary import parameter_summary
+from restune_sd.text_encoder_lora import average_gradients, outside_parameters, tuned_parameters
 
 
 @dataclass
@@ -47,7 +48,16 @@ class Job:
     # Main process, after each step and its checkpoint: (step, last checkpoint, final step?) -> more metrics for that step.
     on_step: Callable[[int, Path | None, bool], dict | None] | None = None
     finish: Callable[[torch.nn.Module], dict] | None = None  # main process, after training: more results
+    totals: Callable[[], dict[str, int]] | None = None  # every process's counts, summed into the results
     tuner_extra: dict = field(default_factory=dict)  # more fields for the saved tuner's config
+    # Optimizer param groups of trainable weights outside `model`, each with its own lr (the text encoder's LoRA):
+    # checkpointed and saved with the tuner as restune_sd.text_encoder_lora.tuned_parameters names them.
+    param_groups: list[dict] = field(default_factory=list)
+    trains: torch.nn.Module | None = None  # what the loss calls, and accelerate prepares, instead of `model` (cached taps)
+
+    @property
+    def called(self) -> torch.nn.Module:
+        return self.model if self.trains is None else self.trains
 
 
 def require_writable(run: Path) -> None:
@@ -65,8 +75,7 @@ def peak_memory_mb(device) -> float:
 
 
 def tuner_state_dict(model) -> dict:
-    params = dict(model.named_parameters())
-    return {n: params[n].detach().cpu().clone() for n in model.restune.param_names + model.restune.head_names}
+    return {n: p.detach().cpu().clone() for n, p in tuned_parameters(model).items()}
 
 
 def keep_trainables_fp32(model, tuning: TuningConfig, dtype) -> None:
@@ -161,8 +170,9 @@ def run_job(cfg: RunConfig, backbone: str, build: Callable[[Session], Job], give
     cfg, accelerator = session.cfg, session.accelerator
     model = job.model
     keep_trainables_fp32(model, session.tuning, session.dtype)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg)
+    inside = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer([{"params": inside}, *job.param_groups] if job.param_groups else inside, cfg)
+    params = inside + outside_parameters(job)
     session.ema = TunerEMA(params, cfg) if cfg.ema else None
     global_batch = cfg.batch_size * accelerator.num_processes
     stream = sample_stream(job.dataset, cfg.seed, global_batch * cfg.gradient_accumulation)
@@ -173,7 +183,7 @@ def run_job(cfg: RunConfig, backbone: str, build: Callable[[Session], Job], give
         warn(f"the warm-up ({warmup} steps) is as long as the run ({total_steps} steps) or longer, so the learning "
              "rate never reaches --learning-rate: lower --warmup-steps (or --warmup-epochs) or raise --max-steps")
     scheduler = lr_schedule(optimizer, cfg, total_steps, warmup)
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    wrapped, optimizer = accelerator.prepare(job.called, optimizer)
     first = restore(plan, model, optimizer, scheduler, session.ema)
     if first > total_steps or (first == total_steps and finished_results(plan.run, total_steps)):
         raise UserError(f"--resume: the run already finished at step {first} of {total_steps}; raise --max-steps to go on")
@@ -202,8 +212,8 @@ def restore(plan: RunPlan, model, optimizer, scheduler, ema: TunerEMA | None) ->
     EMA and RNGs; the step it resumes at (0 for a fresh run)."""
     if plan.state is None:
         return 0
-    current = dict(model.named_parameters())
-    if set(plan.state["tuner"]) != set(model.restune.param_names + model.restune.head_names):
+    current = tuned_parameters(model)
+    if set(plan.state["tuner"]) != set(current):
         raise UserError(f"checkpoint {plan.checkpoint} holds other tuner weights than this run's tuner; start a new --output")
     with torch.no_grad():
         for name, tensor in plan.state["tuner"].items():
@@ -268,6 +278,8 @@ def steps(plan, session, job, wrapped, params, optimizer, scheduler, loader, fir
                 with accelerator.accumulate(wrapped), accelerator.autocast():
                     loss = job.loss(wrapped, batch, step)
                     accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        average_gradients(accelerator, outside_parameters(job))
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()
@@ -319,7 +331,7 @@ def require_sound_weights(session: Session, job: Job, params, batch: dict, step:
     if sound:  # the unwrapped model: a distributed wrapper's forward on one rank alone could wait for the others
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices), accelerator.autocast():
-            sound = bool(torch.isfinite(job.loss(job.model, batch, step)).all())
+            sound = bool(torch.isfinite(job.loss(job.called, batch, step)).all())
     if accelerator.reduce(torch.tensor(float(not sound), device=session.device), reduction="sum").item():
         kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
         raise UserError(f"the trainable weights diverged by step {step + 1} (non-finite weights or EMA weights, or a "
@@ -345,6 +357,7 @@ def finish(plan, session, job, history, last_checkpoint, corrupt, total_steps: i
 
     accelerator, run, cfg = session.accelerator, plan.run, session.cfg
     corrupt = set().union(*gather_object([corrupt]))
+    counts = gather_object([job.totals()]) if job.totals else [{}]
     results = {}
     if accelerator.is_main_process:
         if summary_line := job.dataset.corrupt_summary(corrupt):
@@ -364,6 +377,7 @@ def finish(plan, session, job, history, last_checkpoint, corrupt, total_steps: i
             "peak_memory_mb": max((h.get("peak_memory_mb", 0.0) for h in history), default=0.0),
             "wall_seconds": seconds, "tuner_dir": str(tuner_dir), "num_processes": accelerator.num_processes, **job.record,
             **({"ema_tuner_dir": str(ema_folder(tuner_dir))} if session.ema else {}),
+            **{name: sum(each[name] for each in counts) for name in counts[0]},
         }
         if job.finish:
             results.update(job.finish(job.model))

@@ -13,6 +13,7 @@ import reprlib
 from restune_sd.bounds import MAX_RESOLUTION
 from restune_sd.config import BACKBONES, TuningConfig
 from restune_sd.errors import UserError
+from restune_sd.text_encoder_lora import is_record as is_text_encoder_lora
 
 FORMAT = "restune-sd-tuner/2"
 # Format 1 (restune-sd 0.1) differs in two ways: its bypass ladder had no identity path between stages (a
@@ -81,6 +82,8 @@ FIELDS = {
     "resize_crop": ("true or false", lambda v: isinstance(v, bool)),
     "clip_skip": ("a whole number of text encoder layers from 0 to 1000", lambda v: is_whole(v, 0, 1000)),
     "zero_terminal_snr": ("true or false", lambda v: isinstance(v, bool)),
+    "text_encoder_lora": ("a text-encoder LoRA's rank, alpha, targets, params and weights_sha256",
+                          is_text_encoder_lora),
 }
 
 
@@ -115,6 +118,8 @@ def check_tuner_config(meta, where: str) -> dict:
     for field, (what, fits) in FIELDS.items():
         if field in meta and not fits(meta[field]):
             raise wrong(field, what, meta[field])
+    if "text_encoder_lora" in meta and kind != "unet":
+        raise UserError(f"tuner config {where}: a {kind} tuner has no text encoder: copy the tuner folder again")
     if "head" in meta:
         if kind != "vit":
             raise UserError(f"tuner config {where}: a {kind} tuner has no classification head: copy the tuner folder again")

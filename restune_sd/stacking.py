@@ -157,6 +157,9 @@ def check_stack(members: list[Member]) -> None:
         if tuning.get("full"):
             raise UserError(f"--tuner {member.path} is a full fine-tune (it replaces the UNet's weights): it adds no branch "
                             "that a weight could scale, so it cannot be weighted or stacked; sample it alone")
+        if "text_encoder_lora" in meta:
+            raise UserError(f"--tuner {member.path} also holds a text-encoder LoRA, which a stack cannot weigh or combine "
+                            "yet: sample it alone, at weight 1")
         gated = [s for s in tuning.get("tuners") or [] if s["kind"] in ("prefix", "prompt") or s.get("gate") == "lambda"]
         if gated and member.weight != 1.0:
             raise UserError(f"--tuner {member.path}:{member.weight:g}: its {gated[0]['kind']} tokens are softmax-gated (they "

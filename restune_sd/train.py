@@ -11,13 +11,18 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from restune_sd.bounds import MAX_GUIDANCE, MAX_RESOLUTION, require_resolution
 from restune_sd.encoders import Encoders, latent_key
 from restune_sd.errors import UserError
+from restune_sd.kohya_metadata import training_record
+from restune_sd.latent_cache import latent_store, require_cache_dir
 from restune_sd.loop import WHOLE, Job, RunConfig, Session, fit, seeded
+from restune_sd.masked_loss import per_sample_mse
+from restune_sd.prior import (MAX_CLASS_IMAGES, check_class_data, check_prior_settings, fill_class_images,
+                              prior_preserving)
 from restune_sd.prompts import check_draws
+from restune_sd.text_encoder_lora import check_text_encoder_settings, require_text_encoder_gradient, text_encoder_groups
 from restune_sd.trained_with import apply_settings, require_clip_skip, require_zero_snr_schedulers, sampling_record
 from restune_sd.validation import held_out_data, read_validation_prompts, validator
 
@@ -46,12 +51,27 @@ class TrainConfig(RunConfig):
     tag_dropout: float = field(default=0.0, metadata={"help": "probability each tag after the kept ones is dropped"})
     clip_skip: int = field(default=0, metadata={"help": "text encoder layers skipped from the end (diffusers' clip_skip: "
                                                         "1 is the penultimate layer, A1111's and kohya's clip skip 2)"})
+    text_encoder_lora: int | None = field(default=None, metadata={"help": "also train a LoRA of this rank on the text "
+                                                                          "encoder's attention and MLP layers"})
+    text_encoder_lora_alpha: float | None = field(default=None, metadata={"help": "its alpha (default: its rank)"})
+    text_encoder_lr: float | None = field(default=None, metadata={"help": "its learning rate (default: learning_rate)"})
     buckets: bool = field(default=False, metadata={"help": "aspect-ratio buckets of about resolution^2 pixels"})
     bucket_step: int = field(default=64, metadata={"help": "bucket sides are multiples of this many pixels"})
     bucket_min_side: int | None = field(default=None, metadata={"help": "shortest bucket side (default resolution/2)"})
     bucket_max_side: int | None = field(default=None, metadata={"help": "longest bucket side (default resolution*2)"})
+    class_data: str | None = field(default=None, metadata={"help": "prior preservation (DreamBooth): folder of class "
+                                                                     "images, the missing ones generated into it"})
+    class_prompt: str | None = field(default=None, metadata={"help": "the class images' caption, and the prompt that "
+                                                                       "generates the missing ones"})
+    num_class_images: int = field(default=100, metadata={"help": "class images used; generated with the frozen model "
+                                                                 "while the folder holds fewer"})
+    prior_loss_weight: float = field(default=1.0, metadata={"help": "weight of the class images' loss beside the "
+                                                                    "instance images'"})
     prediction_type: str | None = None
     snr_gamma: float | None = None
+    masked_loss: bool = field(default=False, metadata={"help": "weight the loss by each image's mask: <stem>.mask.png "
+                                                                "beside it, or <stem>.png in mask_dir (white trains)"})
+    mask_dir: str | None = field(default=None, metadata={"help": "folder of <image stem>.png masks for masked_loss"})
     noise_offset: float = 0.0
     zero_terminal_snr: bool = field(default=False, metadata={"help": "rescale the noise schedule to zero terminal SNR "
                                                                      "(needs v_prediction)"})
@@ -60,6 +80,9 @@ class TrainConfig(RunConfig):
     cache: bool = field(default=False, metadata={"help": "keep text embeddings and latents in RUN_DIR/cache/ once computed"})
     encode_ahead: str = field(default="auto", metadata={"help": "encode every latent once before training: yes, no, or "
                                                                    "auto (yes when the run draws every sample at least once)"})
+    cache_dir: str = field(default="auto", metadata={"help": "where kept latents (--cache, encode-ahead) are shared by "
+                                                             "runs: a folder, auto (the user's cache folder) or none "
+                                                             "(RUN_DIR/cache/latents, this run's alone)"})
     validation_prompts: list[str] = field(default_factory=list, metadata={"help": "prompts of the validation images"})
     validation_prompts_file: str | None = field(default=None, metadata={"help": "more validation prompts, one a line "
                                                                               "with kohya's options (--n --w --h --l --s --d --ss)"})
@@ -81,15 +104,20 @@ class TrainConfig(RunConfig):
         "validation_prompts", "validation_prompts_file", "validation_images", "validation_every", "validation_steps",
         "validation_data", "validation_split", "validation_samples", "attention", "gradient_checkpointing",
         "validation_negative_prompt", "validation_guidance_scale", "validation_width", "validation_height",
-        "validation_scheduler", "validation_karras_sigmas", "validation_ema")
+        "validation_scheduler", "validation_karras_sigmas", "validation_ema", "cache_dir")
     BOUNDS: ClassVar[dict] = {
         **RunConfig.BOUNDS, "resolution": {**WHOLE, "minimum": 8, "maximum": MAX_RESOLUTION, "optional": True},
         "snr_gamma": {"above": 0, "optional": True}, "noise_offset": {"minimum": 0, "maximum": 1},
         "caption_dropout": {"minimum": 0, "maximum": 1}, "bucket_step": {**WHOLE, "minimum": 8},
         "keep_tokens": {**WHOLE, "minimum": 0, "maximum": 1000}, "tag_dropout": {"minimum": 0, "maximum": 1},
         "clip_skip": {**WHOLE, "minimum": 0, "maximum": 1000},  # below the text encoder's depth: checked when it loads
+        "text_encoder_lora": {**WHOLE, "minimum": 1, "maximum": 1024, "optional": True},
+        "text_encoder_lora_alpha": {"above": 0, "maximum": 1e6, "optional": True},
+        "text_encoder_lr": {**RunConfig.BOUNDS["learning_rate"], "optional": True},
         "bucket_min_side": {**WHOLE, "minimum": 8, "optional": True},
         "bucket_max_side": {**WHOLE, "minimum": 8, "maximum": MAX_RESOLUTION, "optional": True},
+        "num_class_images": {**WHOLE, "minimum": 1, "maximum": MAX_CLASS_IMAGES},
+        "prior_loss_weight": {"minimum": 0, "maximum": 1e4},
         "validation_every": {**WHOLE, "minimum": 0}, "validation_steps": {**WHOLE, "minimum": 1},
         "validation_images": {**WHOLE, "minimum": 1}, "validation_samples": {**WHOLE, "minimum": 1},
         "validation_guidance_scale": {"minimum": 0, "maximum": MAX_GUIDANCE},
@@ -113,6 +141,7 @@ class TrainConfig(RunConfig):
             raise UserError(f"unknown --prediction-type {self.prediction_type!r}: use epsilon or v_prediction")
         if self.cache and not self.center_crop:
             raise UserError("--cache stores one latent per image and flip: it needs centre crops, not --no-center-crop")
+        require_cache_dir(self.cache_dir)
         if self.encode_ahead not in ("auto", "yes", "no"):
             raise UserError(f"unknown --encode-ahead {self.encode_ahead!r}: use auto, yes or no")
         if self.encode_ahead == "yes" and not self.center_crop:
@@ -123,6 +152,11 @@ class TrainConfig(RunConfig):
             raise UserError(f"--caption-extension {self.caption_extension!r} must start with a dot, e.g. .txt or .caption")
         if self.bucket_min_side and self.bucket_max_side and self.bucket_min_side > self.bucket_max_side:
             raise UserError(f"--bucket-min-side {self.bucket_min_side} is above --bucket-max-side {self.bucket_max_side}")
+        check_prior_settings(self)
+        check_text_encoder_settings(self)
+        if self.mask_dir is not None and not self.masked_loss:
+            raise UserError(f"--mask-dir {self.mask_dir} holds masks for --masked-loss: add --masked-loss, or leave "
+                            "--mask-dir out")
         if self.keep_tokens and not self.tags.active:
             raise UserError(f"--keep-tokens {self.keep_tokens} keeps tags in place against --shuffle-tags or --tag-dropout, "
                             "and neither is given: add one of them or leave --keep-tokens out")
@@ -181,9 +215,15 @@ def prediction_target(scheduler) -> str:
 
 def diffusion_loss(unet, encoders: Encoders, batch: dict, cfg: TrainConfig, step: int, device) -> torch.Tensor:
     """The denoising loss of one micro-batch; noise, timestep and latent sample drawn per sample from (seed, step, position)."""
+    return denoising_losses(unet, encoders, batch, cfg, step, device).mean()
+
+
+def denoising_losses(unet, encoders: Encoders, batch: dict, cfg: TrainConfig, step: int, device) -> torch.Tensor:
+    """Each sample's denoising loss. A batch may list each sample's "draws" (integers that seed its draws after the
+    seed and the step; default its position) and "latent_keys" (default latent_key): prior preservation's class images."""
     scheduler = encoders.comps.noise_scheduler
-    mean, std = encoders.latent_moments(batch["pixel_values"], latent_key(batch), device)
-    gens = [seeded(cfg.seed, step, int(p)) for p in batch["position"]]
+    mean, std = encoders.latent_moments(batch["pixel_values"], batch.get("latent_keys") or latent_key(batch), device)
+    gens = [seeded(cfg.seed, step, *draw) for draw in batch.get("draws") or [(int(p),) for p in batch["position"]]]
     shape = mean.shape[1:]
     draw = lambda g: torch.randn(shape, generator=g)  # noqa: E731
     latents = (mean + std * torch.stack([draw(g) for g in gens]).to(device, mean.dtype)).float()
@@ -201,13 +241,13 @@ def diffusion_loss(unet, encoders: Encoders, batch: dict, cfg: TrainConfig, step
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    per_sample = F.mse_loss(prediction, target.float(), reduction="none").mean(dim=(1, 2, 3))
+    per_sample = per_sample_mse(prediction, target.float(), batch.get("mask") if cfg.masked_loss else None)
     if cfg.snr_gamma:
         from diffusers.training_utils import compute_snr
 
         snr = compute_snr(scheduler, timesteps)
         per_sample = per_sample * torch.clamp(snr, max=cfg.snr_gamma) / (snr + 1 if v_prediction else snr)
-    return per_sample.mean()
+    return per_sample
 
 
 def diffusion_job(session: Session) -> Job:
@@ -227,9 +267,10 @@ def diffusion_job(session: Session) -> Job:
                              random_flip=cfg.random_flip, caption_template=cfg.caption_template, seed=cfg.seed,
                              caption_extension=cfg.caption_extension, image_column=cfg.image_column,
                              caption_column=cfg.caption_column, caption_dropout=cfg.caption_dropout, bucket_sizes=sizes,
-                             tags=cfg.tags)
+                             tags=cfg.tags, masked_loss=cfg.masked_loss, mask_dir=cfg.mask_dir)
 
     # The data and the model folder are checked before any model is loaded: a bad root fails in a second, not after minutes.
+    require_text_encoder_gradient(cfg, session.tuning)
     check_pipeline(cfg.model)
     require_clip_skip(cfg.clip_skip, text_encoder_layers(cfg.model))
     factor = vae_factor(cfg.model)
@@ -246,6 +287,7 @@ def diffusion_job(session: Session) -> Job:
         require_zero_snr_schedulers({cfg.validation_scheduler, *(p.scheduler for p in prompts if p.scheduler)},
                                     "--zero-terminal-snr is set")
     held_out = held_out_data(cfg, resolution) if resolution else None
+    check_class_data(cfg)
     quiet_loading()
     comps = load_components(cfg.model, session.device, session.dtype, cfg.model_config)
     cfg = session.cfg = dataclasses.replace(cfg, resolution=resolution or native_resolution(comps.unet.config, comps.vae.config))
@@ -254,10 +296,12 @@ def diffusion_job(session: Session) -> Job:
         require_resolution("--bucket-step", cfg.bucket_step, 2 ** (len(comps.vae.config.block_out_channels) - 1))
     dataset = dataset or data(cfg.resolution)
     held_out = held_out or held_out_data(cfg, cfg.resolution)
+    generated = fill_class_images(comps, session)  # with the frozen model as loaded: before its settings and tuner
     apply_settings(comps, cfg, dataset, session)
 
     torch.manual_seed(cfg.seed)  # the tuners' random initialisation
     unet = attach(comps.unet, session.tuning)
+    text_encoder_lora = text_encoder_groups(unet, comps.text_encoder, cfg)
     backend = set_attention_backend(unet, cfg.attention)
     if cfg.gradient_checkpointing and not session.tuning.bypass:
         unet.enable_gradient_checkpointing()
@@ -265,8 +309,11 @@ def diffusion_job(session: Session) -> Job:
     cfg = session.cfg = dataclasses.replace(cfg, encode_ahead="yes" if encodes_ahead(cfg, dataset, session) else "no")
     cache = session.run / "cache"
     # Captions whose tags change at every draw would leave one cached embedding per draw, each read at most once or so.
-    encoders = Encoders(comps, session.dtype, latents=cache / "latents" if cfg.cache or cfg.encode_ahead == "yes" else None,
-                        texts=cache / "texts" if cfg.cache and not cfg.tags.active else None, clip_skip=cfg.clip_skip)
+    latents = (latent_store(cfg.cache_dir, cache / "latents", comps.vae, session.dtype)
+               if cfg.cache or cfg.encode_ahead == "yes" else None)
+    encoders = Encoders(comps, session.dtype, latents=latents,
+                        texts=cache / "texts" if cfg.cache and not cfg.tags.active else None, clip_skip=cfg.clip_skip,
+                        text_trains=bool(text_encoder_lora))
 
     def encode_dataset() -> None:
         if cfg.encode_ahead == "yes":
@@ -276,10 +323,13 @@ def diffusion_job(session: Session) -> Job:
                                   show=accelerator.is_main_process)
             accelerator.wait_for_everyone()
 
-    return Job(unet, dataset, lambda model, batch, step: diffusion_loss(model, encoders, batch, cfg, step, session.device),
-               record={"attention_backend": backend}, prepare=encode_dataset,
+    job = Job(unet, dataset, lambda model, batch, step: diffusion_loss(model, encoders, batch, cfg, step, session.device),
+               record={"attention_backend": backend, "latent_cache": str(latents.folder) if latents else None},
+               prepare=encode_dataset, totals=lambda: encoders.counts,
                on_step=validator(session, comps, unet, prompts, held_out),
-               tuner_extra={"prediction_type": prediction_target(comps.noise_scheduler), **sampling_record(cfg)})
+               tuner_extra={"prediction_type": prediction_target(comps.noise_scheduler), **sampling_record(cfg)},
+               param_groups=text_encoder_lora, finish=training_record(dataset))
+    return prior_preserving(job, session, encoders, generated)
 
 
 def encodes_ahead(cfg: TrainConfig, dataset, session: Session) -> bool:

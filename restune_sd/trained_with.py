@@ -48,6 +48,9 @@ def apply_settings(comps, cfg, dataset, session) -> None:
     if cfg.cache and cfg.tags.active:
         warn("--cache keeps latents but not text embeddings here: with --shuffle-tags or --tag-dropout a caption "
              "changes at every draw")
+    elif cfg.cache and cfg.text_encoder_lora is not None:
+        warn("--cache keeps latents but not text embeddings here: with --text-encoder-lora the text encoder trains, so "
+             "a caption's embedding changes at every step")
 
 
 def trained_with(tuner: str | None) -> dict:

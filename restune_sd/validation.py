@@ -48,23 +48,30 @@ def held_out_split(cfg: TrainConfig) -> str:
     return cfg.validation_split or ("val" if layout and "val" in layout.splits else "train")
 
 
-def validation_images(comps: Components, unet, cfg: TrainConfig, prompts: list[Prompt], device, step: int) -> list[list]:
-    """--validation-images images per prompt (rows = prompts); image i from seed + i (a line's --d D: D + i), as
-    `restune-sd sample` draws it: the same scheduler, predicting what training predicts, with the run's clip skip and
-    zero terminal SNR, and the --validation-* settings under each prompt line's own. A NaN or infinite image is a
-    UserError."""
+def components_pipeline(comps: Components, unet):
+    """A StableDiffusionPipeline of a run's loaded parts around `unet`, without a progress bar, built as `sample`
+    builds its own (validation images, and prior preservation's class images with the frozen UNet)."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
-
-    from restune_sd.sample import draw, use_scheduler
-    from restune_sd.train import prediction_target
 
     # A copy of the model's scheduler, as `sample` has: the pipeline's constructor rewrites the one it is given.
     pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=unet,
                                    scheduler=DDPMScheduler.from_config(comps.noise_scheduler.config), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def validation_images(comps: Components, unet, cfg: TrainConfig, prompts: list[Prompt], device, step: int) -> list[list]:
+    """--validation-images images per prompt (rows = prompts); image i from seed + i (a line's --d D: D + i), as
+    `restune-sd sample` draws it: the same scheduler, predicting what training predicts, with the run's clip skip and
+    zero terminal SNR, and the --validation-* settings under each prompt line's own. A NaN or infinite image is a
+    UserError."""
+    from restune_sd.sample import draw, use_scheduler
+    from restune_sd.train import prediction_target
+
+    pipe = components_pipeline(comps, unet)
     model_scheduler = scheduler_config(pipe.scheduler.config, cfg.zero_terminal_snr)
     prediction = prediction_target(comps.noise_scheduler)
-    pipe.set_progress_bar_config(disable=True)
     trained = {"clip_skip": cfg.clip_skip, "zero_terminal_snr": cfg.zero_terminal_snr}
     rows = []
     for p, prompt in enumerate(prompts):

@@ -92,7 +92,7 @@ def spy_captions(monkeypatch) -> list[list[str]]:
 def test_a_run_with_shuffled_tags_resumes_exactly_and_caches_latents_but_not_texts(tiny, tagged, tmp_path, monkeypatch,
                                                                                   capsys):
     settings = dict(max_steps=4, checkpoint_every=2, keep_checkpoints=5, shuffle_tags=True, keep_tokens=1,
-                    tag_dropout=0.3, cache=True)
+                    tag_dropout=0.3, cache=True, cache_dir="none")
     seen = spy_captions(monkeypatch)
     train(config(tiny, tagged, tmp_path / "straight", **settings))
     straight, seen[:] = list(seen), []

@@ -205,7 +205,7 @@ def test_cache_works_with_random_flips_and_gives_the_same_run(tiny, data, tmp_pa
 
     settings = dict(max_steps=6, random_flip=True, checkpoint_every=0)
     finished_run(tiny, data, tmp_path / "plain", **settings)
-    finished_run(tiny, data, tmp_path / "cached", cache=True, **settings)
+    finished_run(tiny, data, tmp_path / "cached", cache=True, cache_dir="none", **settings)
     a = load_file(str(tmp_path / "plain" / "tuner" / "tuner.safetensors"))
     b = load_file(str(tmp_path / "cached" / "tuner" / "tuner.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -208,10 +208,10 @@ def counting_encodes(monkeypatch) -> dict:
 def test_cached_and_ahead_encoded_latents_give_the_same_run(tiny, folder_data, tmp_path, monkeypatch):
     train(config(tiny, folder_data, tmp_path / "plain", max_steps=6, encode_ahead="no"))
     calls = counting_encodes(monkeypatch)
-    train(config(tiny, folder_data, tmp_path / "cached", max_steps=6, cache=True, encode_ahead="no"))
+    train(config(tiny, folder_data, tmp_path / "cached", max_steps=6, cache=True, encode_ahead="no", cache_dir="none"))
     assert calls["vae"] == 4  # 8 images in batches of 2: after the first pass every latent comes from the cache
     calls["vae"] = 0
-    results = train(config(tiny, folder_data, tmp_path / "ahead", max_steps=6))  # 12 samples drawn >= 8 images: auto
+    results = train(config(tiny, folder_data, tmp_path / "ahead", max_steps=6, cache_dir="none"))  # 12 >= 8 images: auto
     assert calls["vae"] == 1  # one chunk of 8 before training, none during it
     assert json.loads((tmp_path / "ahead" / "config.json").read_text())["encode_ahead"] == "yes"
     tuners = [load_file(str(tmp_path / run / "tuner" / "tuner.safetensors")) for run in ("plain", "cached", "ahead")]
@@ -227,7 +227,7 @@ def test_encode_ahead_auto_declines_a_run_shorter_than_the_data_and_a_damaged_la
     train(config(tiny, folder_data, tmp_path / "short", max_steps=1))  # 2 samples of 8 images: encoding all costs more
     assert json.loads((tmp_path / "short" / "config.json").read_text())["encode_ahead"] == "no"
     assert not (tmp_path / "short" / "cache").exists()
-    train(config(tiny, folder_data, tmp_path / "run", max_steps=4, checkpoint_every=2, encode_ahead="yes"))
+    train(config(tiny, folder_data, tmp_path / "run", max_steps=4, checkpoint_every=2, encode_ahead="yes", cache_dir="none"))
     latents = sorted((tmp_path / "run" / "cache" / "latents").glob("*.safetensors"))
     latents[0].write_bytes(b"not a safetensors file")
     calls = counting_encodes(monkeypatch)
