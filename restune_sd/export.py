@@ -50,13 +50,15 @@ def export_output(output, fmt: str) -> Path:
 
 
 def refuse_own_input(path: Path, folder: Path) -> None:
-    """`path` must lie outside the tuner folder being read and be none of its files, also through links."""
+    """`path` must lie outside the tuner folder being read, not hold it (a model folder replaced with --overwrite is
+    removed whole) and be none of its files, also through links."""
     target, source = path.resolve(), folder.resolve()
     inputs = [folder / CONFIG_FILE, folder / WEIGHTS_FILE]
-    if (target == source or source in target.parents or any(target == read.resolve() for read in inputs)
+    if (target == source or source in target.parents or target in source.parents
+            or any(target == read.resolve() for read in inputs)
             or (path.exists() and any(os.path.samefile(path, read) for read in inputs))):
-        raise UserError(f"--output {path} lies in the tuner folder {folder} that export reads (or is one of its "
-                        "files): choose an --output outside it")
+        raise UserError(f"--output {path} lies in the tuner folder {folder} that export reads, holds it, or is one of "
+                        "its files: choose an --output outside it")
 
 
 @contextmanager

@@ -87,8 +87,6 @@ def sound_moments(entry: dict | None, shape: tuple[int, ...]) -> bool:
 class RunLatents(TensorFiles):
     """RUN_DIR/cache/latents (--cache-dir none): one file per sample key as latent_key names it."""
 
-    shared = False
-
     def keys(self, pixels: torch.Tensor, sample_keys: list[str]) -> list[str]:
         return list(sample_keys)
 
@@ -105,8 +103,6 @@ class SharedLatents(TensorFiles):
     (the pixels are what the VAE sees), so a changed image, crop, flip, resolution or bucket is never matched to another's
     latent, and an image listed N times (kohya's N_name folders) is one entry. Writes are atomic (TensorFiles.put), so
     runs sharing it at once only ever read whole entries."""
-
-    shared = True
 
     def __init__(self, root: Path, vae, dtype: torch.dtype):
         self.identity = vae_identity(vae, dtype)

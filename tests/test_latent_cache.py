@@ -148,7 +148,7 @@ def test_a_wrong_entry_is_never_used_but_encoded_again(tiny, tmp_path, vae_image
         assert again.keys() == {"mean", "std"} and all(torch.allclose(again[k], tensors[k], atol=1e-6) for k in again)
 
 
-def writer(model: str, folder: str, rounds: int, torn) -> None:
+def writer(model: str, folder: str, rounds: int, torn, start) -> None:
     """One of two processes writing and reading the same keys at once; counts reads that were not whole and right."""
     torch.set_num_threads(1)
     vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
@@ -157,6 +157,7 @@ def writer(model: str, folder: str, rounds: int, torn) -> None:
     keys = store.keys(pixels, [str(i) for i in range(len(pixels))])
     with torch.no_grad():
         dists = [vae.encode(image[None]).latent_dist for image in pixels]
+    start.wait()  # both processes loaded: from here they write and read at once
     for _ in range(rounds):
         for key, dist in zip(keys, dists):
             store.put(key, {"mean": dist.mean[0], "std": dist.std[0]})
@@ -171,9 +172,13 @@ def writers_pixels() -> torch.Tensor:
 
 
 def test_two_processes_writing_the_same_keys_at_once_leave_whole_right_entries(tiny, tmp_path):
+    # A spawned process imports its target by module name: pytest's importlib mode names this file
+    # tests.test_latent_cache, which does not import, so the writer comes from it under its top-level name.
+    from test_latent_cache import writer as importable
+
     spawn = multiprocessing.get_context("spawn")
-    torn = spawn.Value("i", 0)
-    workers = [spawn.Process(target=writer, args=(tiny, str(tmp_path / "shared"), 25, torn)) for _ in range(2)]
+    torn, start = spawn.Value("i", 0), spawn.Barrier(2)
+    workers = [spawn.Process(target=importable, args=(tiny, str(tmp_path / "shared"), 25, torn, start)) for _ in range(2)]
     for worker in workers:
         worker.start()
     for worker in workers:

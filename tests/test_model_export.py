@@ -97,6 +97,10 @@ def test_tuners_without_a_standard_form_and_bad_outputs_are_one_line(tiny, full_
     message = one_error_line(["export", str(full_run), "--format", "diffusers-unet", "--output", f"{tiny}/unet",
                               "--overwrite"])  # the base's own UNet folder, a model folder: never replaced
     assert "pipeline folder export reads" in message
+    before = sorted(p.relative_to(full_run) for p in full_run.rglob("*"))
+    message = one_error_line(["export", str(full_run), "--format", "diffusers-unet", "--output", str(full_run),
+                              "--overwrite"])  # the run folder holds the tuner (and a config.json): never replaced
+    assert "tuner folder" in message and sorted(p.relative_to(full_run) for p in full_run.rglob("*")) == before
     message = one_error_line(["export", str(full_run), "--output", str(tmp_path / "x.safetensors"), "--model", tiny])
     assert "--model goes with" in message
     v2 = tiny_unet(cross_attention_dim=1024)
@@ -130,3 +134,17 @@ def test_an_existing_output_is_replaced_only_with_overwrite_and_only_a_model(tin
     again = export(full_run, "--format", "diffusers-unet", "--output", tmp_path / "unet", "--overwrite")
     assert again.exit_code == 0, again.output  # a UNet folder exported before is replaced on request
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left behind
+
+
+def test_a_text_encoder_lora_merges_into_the_single_file_and_a_unet_folder_refuses_it(tiny, data, tmp_path):
+    run = tmp_path / "run"
+    train(TrainConfig(model=tiny, data=data, tuner="lora-r4", text_encoder_lora=4, output=str(run), max_steps=2,
+                      batch_size=2, learning_rate=1e-2, report_to="none"))
+    result = export(run, "--format", "single-file", "--output", tmp_path / "both.safetensors")
+    assert result.exit_code == 0, result.output
+    stock = single_file(tmp_path / "both.safetensors", tiny)
+    base = pipeline(tiny).text_encoder.state_dict()
+    assert any(not torch.equal(tensor, base[name]) for name, tensor in stock.text_encoder.state_dict().items())
+    assert np.abs(image(stock) - image(load_tuner(pipeline(tiny), run))).max() < 1e-5
+    message = one_error_line(["export", str(run), "--format", "diffusers-unet", "--output", str(tmp_path / "unet")])
+    assert "text-encoder LoRA" in message and "single-file" in message and not (tmp_path / "unet").exists()
