@@ -37,6 +37,9 @@ def bench(
     whole: Annotated[bool, typer.Option(help="vit --task: run every contender's whole task (hours for LoRA on a CPU)")] = False,
     micro_batch: Annotated[int, typer.Option(help="vit --task: images per forward of runs that run the backbone "
                                                   "(gradient accumulation makes up 64)")] = 64,
+    sweep: Annotated[int, typer.Option(help="sd: K bypass variants trained on one frozen forward (train --sweep) against "
+                                            "one, each in its own process: step time, peak memory above the weights, "
+                                            "their ratios", metavar="K")] = 0,
 ):
     """Measure each tuner in a fresh process of its own, with ratios to LoRA and to full fine-tuning from the same run."""
     if kind == "digits":
@@ -59,6 +62,18 @@ def bench(
         return
     from restune_sd.evaluation.bench import BenchConfig, run_bench
 
+    if sweep:
+        from restune_sd.errors import UserError
+        from restune_sd.evaluation.bench_sweep import run_sweep_bench
+
+        if tuners or through_cli:
+            raise UserError("--sweep measures bypass variants on the library path: drop --tuners and --through-cli")
+        run_sweep_bench(BenchConfig(kind=kind, output=output, tuners=["bypass"] if kind == "sd" else None, model=model,
+                                    resolution=resolution, batch=batch, precision=precision, steps=steps,
+                                    warmup=warmup, repeats=repeats, device=device, attention=attention,
+                                    overwrite=overwrite), sweep)
+        typer.echo((output / "results.md").read_text())
+        return
     cfg = BenchConfig(kind=kind, output=output, tuners=tuners.split(",") if tuners else None, model=model,
                       resolution=resolution, batch=batch, precision=precision, steps=steps, warmup=warmup,
                       repeats=repeats, sample_steps=sample_steps, device=device,

@@ -38,6 +38,11 @@ Ema = Annotated[bool, typer.Option(help="keep an EMA of the trainable weights, s
 EmaDecay = Annotated[float, typer.Option(help="the EMA's decay, 0 to below 1 (diffusers' EMAModel ramps up to it)")]
 EmaWarmup = Annotated[bool, typer.Option(help="EMAModel's warm-up: decay 1 - (1 + step) ** -power, up to --ema-decay")]
 EmaPower = Annotated[float, typer.Option(help="the power of --ema-warmup's ramp (2/3 for long runs, 3/4 for shorter)")]
+Sweep = Annotated[list[str] | None, typer.Option(
+    help="train bypass variants together, one frozen forward a step: NAME=V1,V2,... (repeat for a grid) with NAME one "
+         "of learning_rate, weight_decay, adam_epsilon, max_grad_norm, lr_scheduler, warmup_steps, lr_num_cycles, "
+         "lr_power, tuner; or a YAML/JSON file listing mappings of those settings. Each variant's tuner goes to "
+         "RUN_DIR/tuner/VARIANT/, their losses to RUN_DIR/sweep.md")]
 
 
 def user_errors(command):

@@ -6,7 +6,7 @@ from typing import Annotated
 import typer
 
 from restune_sd.cli.common import (
-    Ema, EmaDecay, EmaPower, EmaWarmup, Optimizer, OptimizerArgs,
+    Ema, EmaDecay, EmaPower, EmaWarmup, Optimizer, OptimizerArgs, Sweep,
     CheckpointEvery, GradientAccumulation, KeepCheckpoints, LrNumCycles, LrPower, LrScheduler, LrStepRules, MaxGradNorm,
     MixedPrecision, NumWorkers, ReportTo, Resume, RunOutput, Seed, TensorBoardFlag, config_file, settings_of, user_errors,
 )
@@ -21,6 +21,7 @@ def train(
     config: config_file("restune_sd.train:TrainConfig") = None,
     model_config: Annotated[str | None, typer.Option(help="with a single-file --model: a diffusers SD v1.x pipeline folder whose configs, tokenizer and scheduler to use (needed offline)")] = None,
     tuner: Annotated[str, typer.Option(help="res-tuning, bypass, adapter, prefix, prompt, lora (r=50, the paper's), lora-r4, full, or a YAML/JSON config")] = "res-tuning",
+    sweep: Sweep = None,
     split: Annotated[str, typer.Option(help="data split: train, or val/test where the layout has it")] = "train",
     resolution: Annotated[int | None, typer.Option(help="image size (default: the model's own, 512 for SD v1.5)")] = None,
     center_crop: Annotated[bool, typer.Option(help="centre crop (--no-center-crop: random crop)")] = True,

@@ -133,11 +133,12 @@ def markdown(result: dict) -> str:
     lines = [f"Whole VTAB-1K-sized task: {task['images']} random {task['resolution']} px images, {task['epochs']} epochs, "
              f"batch {task['batch']} ({result['rows'][0]['task_steps']} steps), ViT-B/16 with random weights, "
              f"`classify train`; {result['gpu'] or result['cpu']}, {result['threads']} threads.", "",
-             "| contender | measured | s/step | taps (s, once) | whole task (s) | | ratio to LoRA |",
+             "| contender | timed | s/step | taps, once (s) | whole task (s) | whole task is | ratio to LoRA |",
              "|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         how = "extrapolated" if row["extrapolated"] else "measured"
-        lines.append(f"| {row['contender']} | {row['measured']} | {row['seconds_per_step']:.3f} | {row['taps_seconds']:.1f} "
+        taps = f"{row['taps_seconds']:.1f}" if row["taps_seconds"] else "-"
+        lines.append(f"| {row['contender']} | {row['measured']} | {row['seconds_per_step']:.3f} | {taps} "
                      f"| {row['task_seconds']:.0f} ({row['task_seconds'] / 3600:.2f} h) | {how} "
                      f"| {row['ratio_to_lora']:.4f} |")
     lines += ["", "Extrapolated: the mean of the timed steps (after the warm-up) times the task's steps. Measured: the "

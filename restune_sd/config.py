@@ -265,8 +265,9 @@ def expanded_size(node, sizes: dict[int, int], open_nodes: set[int]) -> int:
     return size
 
 
-def read_mapping(path, what: str, example: str) -> dict:
-    """A YAML (.yaml/.yml) or JSON file holding one mapping, read safely; `what` and `example` word the errors."""
+def read_mapping(path, what: str, example: str, expected: type = dict) -> dict | list:
+    """A YAML (.yaml/.yml) or JSON file holding one mapping (`expected=list`: one list), read safely; `what` and
+    `example` word the errors."""
     path = Path(path)
     text = read_text(path, what, "pass a YAML or JSON file")
     try:
@@ -279,8 +280,9 @@ def read_mapping(path, what: str, example: str) -> dict:
         raise UserError(f"{what} {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {error}".splitlines()[0]) from None
     if data is None:
         raise UserError(f"{what} {path} is empty: give at least {example}")
-    if not isinstance(data, dict):
-        raise UserError(f"{what} {path} holds a {type(data).__name__}, not a mapping of fields such as {example}")
+    if not isinstance(data, expected):
+        held = "a mapping of fields" if expected is dict else "a list"
+        raise UserError(f"{what} {path} holds a {type(data).__name__}, not {held} such as {example}")
     return data
 
 

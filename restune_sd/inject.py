@@ -140,6 +140,13 @@ def vit_ladder(model, spec) -> BypassLadder:
     return BypassLadder(width, [width] * len(model.vit.layers), spec)
 
 
+def unet_ladder(model, spec) -> BypassLadder:
+    """A UNet's ladder: root = the mid block's input, stems = the mid block and every up block."""
+    widths = [model.config.block_out_channels[-1]]
+    widths += [block.resnets[-1].out_channels for block in model.up_blocks]
+    return BypassLadder(model.config.block_out_channels[-1], widths, spec)
+
+
 def _attach_bypass(kind: str, model, spec, name: str = "restune_bypass") -> None:
     if kind == "vit":
         layers = list(model.vit.layers)
@@ -147,11 +154,8 @@ def _attach_bypass(kind: str, model, spec, name: str = "restune_bypass") -> None
         setattr(model, name, bypass.attach(model.vit, layers[0], layers, model.vit.layernorm))
         return
     stems = [model.mid_block, *model.up_blocks]
-    widths = [model.config.block_out_channels[-1]]
-    widths += [block.resnets[-1].out_channels for block in model.up_blocks]
-    ladder = BypassLadder(model.config.block_out_channels[-1], widths, spec)
-    setattr(model, name, Bypass(ladder).attach(model, model.mid_block, stems, model.conv_norm_out,
-                                                 plain_kernels=True))
+    setattr(model, name, Bypass(unet_ladder(model, spec)).attach(model, model.mid_block, stems, model.conv_norm_out,
+                                                                 plain_kernels=True))
 
 
 def _attach_lora(kind: str, model, spec, adapter_name: str = "default") -> None:

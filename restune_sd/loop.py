@@ -54,10 +54,22 @@ class Job:
     # checkpointed and saved with the tuner as restune_sd.text_encoder_lora.tuned_parameters names them.
     param_groups: list[dict] = field(default_factory=list)
     trains: torch.nn.Module | None = None  # what the loss calls, and accelerate prepares, instead of `model` (cached taps)
+    # Each sample's loss before `loss` averages it ([B]; [K, B] from a sweep's K variants): what a sweep splits by variant.
+    sample_losses: Callable[[torch.nn.Module, dict, int], torch.Tensor] | None = None
+    sweep: object = None  # restune_sd.sweep.Sweep: K variants' param groups, schedules, clipping and tuner folders
 
     @property
     def called(self) -> torch.nn.Module:
         return self.model if self.trains is None else self.trains
+
+    def optimizer_groups(self, inside: list) -> list:
+        """The optimizer's parameters: one group per sweep variant, else the model's with the job's own groups."""
+        own = [{"params": inside}, *self.param_groups] if self.param_groups else inside
+        return self.sweep.param_groups(inside) if self.sweep else own
+
+    def tuner_writer(self) -> Callable:
+        """(folder, extra, hint, ema) -> writes the tuner folder: a sweep's variants each in a sub-folder of it."""
+        return self.sweep.write_tuners if self.sweep else lambda *args: write_tuner(self.model, *args)
 
 
 def require_writable(run: Path) -> None:
@@ -171,7 +183,7 @@ def run_job(cfg: RunConfig, backbone: str, build: Callable[[Session], Job], give
     model = job.model
     keep_trainables_fp32(model, session.tuning, session.dtype)
     inside = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer([{"params": inside}, *job.param_groups] if job.param_groups else inside, cfg)
+    optimizer = build_optimizer(job.optimizer_groups(inside), cfg)
     params = inside + outside_parameters(job)
     session.ema = TunerEMA(params, cfg) if cfg.ema else None
     global_batch = cfg.batch_size * accelerator.num_processes
@@ -182,7 +194,8 @@ def run_job(cfg: RunConfig, backbone: str, build: Callable[[Session], Job], give
     if warmup >= total_steps > 1 and accelerator.is_main_process:
         warn(f"the warm-up ({warmup} steps) is as long as the run ({total_steps} steps) or longer, so the learning "
              "rate never reaches --learning-rate: lower --warmup-steps (or --warmup-epochs) or raise --max-steps")
-    scheduler = lr_schedule(optimizer, cfg, total_steps, warmup)
+    scheduler = (job.sweep.schedule(optimizer, total_steps, steps_per_epoch) if job.sweep else
+                 lr_schedule(optimizer, cfg, total_steps, warmup))
     wrapped, optimizer = accelerator.prepare(job.called, optimizer)
     first = restore(plan, model, optimizer, scheduler, session.ema)
     if first > total_steps or (first == total_steps and finished_results(plan.run, total_steps)):
@@ -280,7 +293,9 @@ def steps(plan, session, job, wrapped, params, optimizer, scheduler, loader, fir
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         average_gradients(accelerator, outside_parameters(job))
-                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    if accelerator.sync_gradients and job.sweep:  # each variant by its own norm, not a joint one
+                        job.sweep.clip(accelerator)
+                    elif accelerator.sync_gradients and cfg.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -299,7 +314,7 @@ def steps(plan, session, job, wrapped, params, optimizer, scheduler, loader, fir
                 if saving:
                     state = checkpoint_state(step + 1, tuner_state_dict(job.model), optimizer, scheduler, cfg,
                                              session.tuning, plan.run_id, entry, session.ema)
-                    last_checkpoint = save_checkpoint(run, step + 1, state, job.model, cfg.keep_checkpoints,
+                    last_checkpoint = save_checkpoint(run, step + 1, state, job.tuner_writer(), cfg.keep_checkpoints,
                                                       last_checkpoint, {"data": cfg.data, **job.tuner_extra}, session.ema)
                 entry = end_step(session, job, entry, last_checkpoint, step + 1 == total_steps)
                 progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{entry['lr']:.2e}")
@@ -364,7 +379,7 @@ def finish(plan, session, job, history, last_checkpoint, corrupt, total_steps: i
             warn(summary_line)
         hint = disk_hint(last_checkpoint)
         tuner_dir = run / "tuner"  # a resumed run replaces the final tuner of its earlier, shorter end
-        write_tuner(job.model, tuner_dir, {"trained_steps": total_steps, "data": cfg.data, **job.tuner_extra}, hint,
+        job.tuner_writer()(tuner_dir, {"trained_steps": total_steps, "data": cfg.data, **job.tuner_extra}, hint,
                     session.ema)
         with writing(run / "loss.png", hint):
             loss_curve_png([h["step"] for h in history], [h.get("loss", math.nan) for h in history], run / "loss.png")

@@ -11,10 +11,10 @@ def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Each sample's mean squared error [B]; with `mask` the mean over all latent elements of mask * squared error
-    (kohya's --masked_loss: masked-out elements count as zeros in the mean rather than leaving it, so a sample whose
-    mask keeps half of it weighs about half as much)."""
-    error = F.mse_loss(prediction, target, reduction="none")
+    """Each sample's mean squared error [B] ([K, B] for a sweep's predictions [K, B, C, H, W] of K variants); with
+    `mask` the mean over all latent elements of mask * squared error (kohya's --masked_loss: masked-out elements count
+    as zeros in the mean rather than leaving it, so a sample whose mask keeps half of it weighs about half as much)."""
+    error = F.mse_loss(prediction, target.expand_as(prediction), reduction="none")
     if mask is not None:
         error = error * latent_mask(mask.to(error.device), error.shape[-2:])
-    return error.mean(dim=(1, 2, 3))
+    return error.mean(dim=(-3, -2, -1))

@@ -155,8 +155,11 @@ def resolved(path: str) -> str:
 
 def settings_given(cfg: RunConfig) -> set[str]:
     """The settings a library caller chose: those not at their default value."""
+    def default(f):
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
     return {f.name for f in dataclasses.fields(cfg)
-            if f.default is dataclasses.MISSING or not same_setting(f.name, f.default, getattr(cfg, f.name))}
+            if default(f) is dataclasses.MISSING or not same_setting(f.name, default(f), getattr(cfg, f.name))}
 
 
 def resumed_config(cfg: RunConfig, saved: dict, given: set[str]) -> RunConfig:

@@ -324,12 +324,12 @@ def disk_hint(last_checkpoint: Path | None) -> str:
     return "free some space and run again (the run wrote no checkpoint yet)"
 
 
-def save_checkpoint(run: Path, step: int, state: dict, model, keep: int, last: Path | None, tuner_extra: dict,
+def save_checkpoint(run: Path, step: int, state: dict, write, keep: int, last: Path | None, tuner_extra: dict,
                     ema=None) -> Path:
     """A resumable checkpoint `step-XXXXXXXX.pt` (its SHA-256 in a `.sha256` file written before it takes its name, so
     a file under that name always has a checksum to match) and beside it the tuner as a folder `sample --tuner` loads
     (`step-XXXXXXXX-tuner/`, with an EMA also `step-XXXXXXXX-tuner-ema/`); then the older checkpoints beyond the
-    newest `keep` usable ones are deleted."""
+    newest `keep` usable ones are deleted. `write(folder, extra, hint, ema)` writes the tuner (loop.Job.tuner_writer)."""
     folder = run / CHECKPOINTS
     path = folder / f"step-{step:08d}.pt"
     hint = disk_hint(last)
@@ -341,7 +341,7 @@ def save_checkpoint(run: Path, step: int, state: dict, model, keep: int, last: P
         write_text_atomic(checksum_path(path), sha256_file(tmp) + "\n", hint)
 
     write_atomic(path, save_with_checksum, hint)
-    write_tuner(model, checkpoint_tuner(path), {"trained_steps": step, **tuner_extra}, hint, ema)
+    write(checkpoint_tuner(path), {"trained_steps": step, **tuner_extra}, hint, ema)
     rotate(folder, path, keep)
     return path
 

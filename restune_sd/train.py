@@ -22,6 +22,7 @@ from restune_sd.masked_loss import per_sample_mse
 from restune_sd.prior import (MAX_CLASS_IMAGES, check_class_data, check_prior_settings, fill_class_images,
                               prior_preserving)
 from restune_sd.prompts import check_draws
+from restune_sd.sweep import expand_sweep, sweepable
 from restune_sd.text_encoder_lora import check_text_encoder_settings, require_text_encoder_gradient, text_encoder_groups
 from restune_sd.trained_with import apply_settings, require_clip_skip, require_zero_snr_schedulers, sampling_record
 from restune_sd.validation import held_out_data, read_validation_prompts, validator
@@ -36,6 +37,9 @@ class TrainConfig(RunConfig):
     model_config: str | None = field(default=None, metadata={"help": "a single-file model's diffusers pipeline folder (configs, tokenizer, scheduler)"})
     data: str = field(metadata={"help": "PREFIX:ROOT data spec (coco:, cub:, flowers102:, cars:, aircraft:, food101:, classfolder:, folder:, kohya:, hf:)"})
     tuner: str = field(metadata={"help": "preset name or YAML/JSON tuner config"})
+    sweep: list = field(default_factory=list, metadata={"help": "bypass variants trained on one frozen forward: "
+                                                        "NAME=V1,V2,... (several: a grid) or a YAML/JSON list of "
+                                                        "settings; recorded as the list of variants"})
     split: str = "train"
     resolution: int | None = None
     center_crop: bool = True
@@ -154,6 +158,7 @@ class TrainConfig(RunConfig):
             raise UserError(f"--bucket-min-side {self.bucket_min_side} is above --bucket-max-side {self.bucket_max_side}")
         check_prior_settings(self)
         check_text_encoder_settings(self)
+        self.sweep = expand_sweep(self, "unet")
         if self.mask_dir is not None and not self.masked_loss:
             raise UserError(f"--mask-dir {self.mask_dir} holds masks for --masked-loss: add --masked-loss, or leave "
                             "--mask-dir out")
@@ -328,7 +333,8 @@ def diffusion_job(session: Session) -> Job:
                prepare=encode_dataset, totals=lambda: encoders.counts,
                on_step=validator(session, comps, unet, prompts, held_out),
                tuner_extra={"prediction_type": prediction_target(comps.noise_scheduler), **sampling_record(cfg)},
-               param_groups=text_encoder_lora, finish=training_record(dataset))
+               param_groups=text_encoder_lora, finish=training_record(dataset),
+               sample_losses=lambda model, batch, step: denoising_losses(model, encoders, batch, cfg, step, session.device))
     return prior_preserving(job, session, encoders, generated)
 
 
@@ -351,4 +357,4 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> dict:
     On resume every setting comes from the checkpoint; `given` names the ones the user set (default: those not at
     their default value), and only SAFE_ON_RESUME ones may differ.
     """
-    return fit(cfg, "unet", diffusion_job, given, early_files=("cache", "validation"))
+    return fit(cfg, "unet", sweepable(diffusion_job, "unet"), given, early_files=("cache", "validation"))
