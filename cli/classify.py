@@ -10,7 +10,7 @@ import typer
 from restune_sd.cli.common import (
     Ema, EmaDecay, EmaPower, EmaWarmup, Optimizer, OptimizerArgs,
     CheckpointEvery, GradientAccumulation, KeepCheckpoints, LrNumCycles, LrPower, LrScheduler, LrStepRules, MixedPrecision,
-    NumWorkers, ReportTo, Resume, RunOutput, Seed, TensorBoardFlag, config_file, settings_of, user_errors,
+    NumWorkers, ReportTo, Resume, RunOutput, Seed, Sweep, TensorBoardFlag, config_file, settings_of, user_errors,
 )
 
 app = typer.Typer(help="Tune ViT image classifiers (VTAB-1K, FGVC, class folders) and predict with many tuners at once.",
@@ -40,6 +40,7 @@ def train(
     output: RunOutput,
     config: config_file("restune_sd.classify:ClassifyConfig") = None,
     tuner: Tuner = "res-tuning",
+    sweep: Sweep = None,
     split: Annotated[str, typer.Option(help="training split (vtab: train = train800val200; FGVC: train = train minus the "
                                             "val carved from it, trainval = all training images)")] = "train",
     eval_split: Annotated[str, typer.Option(help="split scored at the end, with the final weights")] = "test",

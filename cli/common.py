@@ -4,6 +4,7 @@ UserError into one line and exit 2."""
 import dataclasses
 import functools
 import importlib
+import json
 import typing
 from typing import Annotated
 
@@ -41,8 +42,9 @@ EmaPower = Annotated[float, typer.Option(help="the power of --ema-warmup's ramp 
 Sweep = Annotated[list[str] | None, typer.Option(
     help="train bypass variants together, one frozen forward a step: NAME=V1,V2,... (repeat for a grid) with NAME one "
          "of learning_rate, weight_decay, adam_epsilon, max_grad_norm, lr_scheduler, warmup_steps, lr_num_cycles, "
-         "lr_power, tuner; or a YAML/JSON file listing mappings of those settings. Each variant's tuner goes to "
-         "RUN_DIR/tuner/VARIANT/, their losses to RUN_DIR/sweep.md")]
+         "lr_power, tuner (classify: also warmup_epochs, and linear variants: heads alone); or a YAML/JSON file "
+         "listing mappings of those settings. Each variant's tuner goes to RUN_DIR/tuner/VARIANT/, their losses (and "
+         "classify's top-1) to RUN_DIR/sweep.md")]
 
 
 def user_errors(command):
@@ -100,6 +102,9 @@ def config_file(config_class: str):
                 settings[option.name] = [settings[option.name]]
             if option.multiple and isinstance(settings.get(option.name), dict):  # optimizer_args: {d_coef: 2}
                 settings[option.name] = [f"{key}={value}" for key, value in settings[option.name].items()]
+            if option.multiple and isinstance(settings.get(option.name), list):  # sweep: [{learning_rate: 1e-4}, ...]
+                settings[option.name] = [json.dumps(item) if isinstance(item, dict) else item
+                                         for item in settings[option.name]]
         flags = {p.name for p in ctx.command.params}
         ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in settings.items() if k in flags}}
         ctx.meta["config_extra"] = {k: v for k, v in settings.items() if k not in flags}

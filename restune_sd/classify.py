@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from restune_sd.bounds import MAX_RESOLUTION, require_number
 from restune_sd.errors import UserError
 from restune_sd.loop import WHOLE, Job, RunConfig, Session, fit
-from restune_sd.recipes import fill_recipe
+from restune_sd.recipes import RECIPE_FIELDS, fill_recipe, recipe
+from restune_sd.sweep_spec import expand_sweep
+from restune_sd.sweep_vit import class_losses, install_variants, sweep_variants, swept_classifier
 from restune_sd.taps import CACHE_TAPS, FOLDER as TAPS_FOLDER, with_cached_taps
 
 DEFAULT_NORMALISATION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # google/vit-base-patch16-224-in21k's own
@@ -33,6 +35,10 @@ class ClassifyConfig(RunConfig):
     model: str = field(metadata={"help": "transformers ViT folder or hub id, or vit-b16 (random weights)"})
     data: str = field(metadata={"help": "PREFIX:ROOT labelled data (vtab:, cub:, nabirds:, flowers102:, dogs:, cars:, classfolder:)"})
     tuner: str = "res-tuning"
+    sweep: list = field(default_factory=list, metadata={"help": "bypass or linear variants trained on one frozen forward "
+                                                        "(or cached taps), each with its own head: NAME=V1,V2,... "
+                                                        "(several: a grid) or a YAML/JSON list of settings; recorded as "
+                                                        "the list of variants"})
     split: str = "train"
     eval_split: str = "test"
     resolution: int | None = None
@@ -59,16 +65,25 @@ class ClassifyConfig(RunConfig):
     def __post_init__(self):
         if self.optimizer == "prodigy" and self.learning_rate is None:
             self.learning_rate = 1.0  # Prodigy multiplies its own step-size estimate by it: 1.0 is its recipe
+        left_out = [name for name in RECIPE_FIELDS if getattr(self, name) is None]
         fill_recipe(self)  # before the bounds are checked: the settings left out take the preset's recipe
         if self.random_flip is None:
             self.random_flip = protocol_crops(self.data)
         super().__post_init__()
         if self.cache_taps not in CACHE_TAPS:
             raise UserError(f"unknown --cache-taps {self.cache_taps!r}: use {', '.join(CACHE_TAPS)}")
+        self.sweep = [self.variant_recipe(variant, left_out) for variant in expand_sweep(self, "vit")]
 
     def warmup(self, steps_per_epoch: int) -> int:
         """Warm-up in steps: --warmup-steps if given, else --warmup-epochs whole epochs."""
         return self.warmup_steps or self.warmup_epochs * steps_per_epoch
+
+    def variant_recipe(self, variant: dict, left_out: list[str]) -> dict:
+        """A sweep variant of another tuner with the recipe settings left out as its tuner's recipe has them (as it
+        would train alone), where they differ from the run's tuner's."""
+        chosen = recipe(variant.get("tuner", self.tuner))
+        return {**variant, **{name: getattr(chosen, name) for name in left_out
+                              if name not in variant and getattr(chosen, name) != getattr(self, name)}}
 
 
 def protocol_crops(data: str) -> bool:
@@ -135,17 +150,18 @@ def cross_entropy(model, batch: dict, step: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def top1(model, dataset, batch_size: int, device) -> float:
-    """Top-1 accuracy of `model` over every item of `dataset`, in order."""
+def top1(model, dataset, batch_size: int, device) -> float | list[float]:
+    """Top-1 accuracy of `model` over every item of `dataset`, in order; one per variant of a sweep's VariantRows."""
     was_training = model.training
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     correct = 0
     for batch in loader:
         logits = model(pixel_values=batch["pixel_values"].to(device)).logits
-        correct += (logits.argmax(-1).cpu() == batch["label"]).sum().item()
+        correct = correct + (logits.argmax(-1).cpu() == batch["label"]).sum(-1)  # [K] for a sweep's [K, B, classes]
     model.train(was_training)
-    return correct / len(dataset)
+    counts = torch.as_tensor(correct).tolist()
+    return [count / len(dataset) for count in counts] if isinstance(counts, list) else counts / len(dataset)
 
 
 def classifier_job(session: Session) -> Job:
@@ -156,6 +172,7 @@ def classifier_job(session: Session) -> Job:
     from restune_sd.datasets.classification import classification_layout
 
     cfg = session.cfg
+    variants = sweep_variants(session)  # with --sweep: session.tuning becomes the tuner the backbone is built with
     layout = classification_layout(cfg.data)
     mean, std = layout.normalisation or normalisation(cfg.model)  # the protocol's (FGVC: ImageNet's) or the model's
     resolution = cfg.resolution or model_resolution(cfg.model)
@@ -170,15 +187,20 @@ def classifier_job(session: Session) -> Job:
     if vit.config.image_size != resolution:  # its position embeddings are for one image size
         raise UserError(f"--resolution {resolution} does not fit {cfg.model}, which takes {vit.config.image_size} px images: "
                         "leave --resolution out")
+    start = torch.get_rng_state()  # where the tuner's initialisation draws from: each sweep variant's starts here too
     model = attach(vit, session.tuning)
+    sweep = install_variants(model, variants, session, start) if variants else None
 
     def finish(tuned) -> dict:
         return {"eval_split": cfg.eval_split, "top1": top1(tuned, eval_set, cfg.eval_batch_size, session.device),
                 "num_classes": train_set.num_classes}
 
     preprocessing = {"resolution": resolution, "image_mean": list(mean), "image_std": list(std), "resize_crop": layout.crop}
-    job = Job(model, train_set, cross_entropy, record=preprocessing, finish=finish, tuner_extra=preprocessing)
-    return with_cached_taps(job, session, crops=layout.crop, batch_size=cfg.eval_batch_size)
+    job = Job(model, train_set, cross_entropy, record=preprocessing, finish=finish, tuner_extra=preprocessing,
+              sample_losses=lambda model, batch, step: class_losses(model(pixel_values=batch["pixel_values"]).logits,
+                                                                    batch["label"]))
+    job = with_cached_taps(job, session, crops=layout.crop, batch_size=cfg.eval_batch_size)
+    return swept_classifier(job, sweep) if sweep else job
 
 
 def classify(cfg: ClassifyConfig, given: set[str] | None = None) -> dict:

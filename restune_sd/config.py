@@ -295,7 +295,8 @@ def load_config(path) -> TuningConfig:
 
 # What a run's config.json holds beside its settings: read back as --config, these are passed over.
 RUN_RECORD_KEYS = ("tuning", "num_processes", "dataset_size", "total_steps", "attention_backend", "tuner_params",
-                   "head_params", "trainable_params", "total_params", "image_mean", "image_std", "resize_crop")
+                   "head_params", "trainable_params", "total_params", "image_mean", "image_std", "resize_crop",
+                   "latent_cache", "class_images", "class_images_generated")
 
 
 def read_run_settings(path, fields: set[str], aliases: dict[str, tuple[str, bool]] | None = None) -> dict:

@@ -135,9 +135,14 @@ class Encoders:
         self.counts["latents_from_cache"] += sum(key in saved for key in keys)
         missing = [i for i, key in enumerate(keys) if key not in saved and keys.index(key) == i]  # first of each key
         if missing:
-            dist = self.comps.vae.encode(pixels[missing].to(device, self.dtype)).latent_dist
+            # With a cache, one image per VAE call: a kept latent is then a function of its pixels alone, never of the
+            # batch it was first encoded in, so a run that reads it (a resume, another run) sees the bits it would
+            # compute itself.
+            calls = [[i] for i in missing] if self.latents else [missing]
+            dists = [self.comps.vae.encode(pixels[call].to(device, self.dtype)).latent_dist for call in calls]
+            means, stds = torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
             self.counts["latents_encoded"] += len(missing)
-            for i, mean, std in zip(missing, dist.mean, dist.std):
+            for i, mean, std in zip(missing, means, stds):
                 saved[keys[i]] = {"mean": mean, "std": std}
                 if self.latents:
                     self.latents.put(keys[i], saved[keys[i]])

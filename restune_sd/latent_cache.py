@@ -15,7 +15,8 @@ from restune_sd.errors import UserError
 from restune_sd.files import warn
 
 AUTO, OFF = "auto", "none"  # --cache-dir's words: the user's cache folder; no shared cache
-FORMAT = "restune-sd latent moments v1"  # what an entry holds (the VAE's mean and std): a change starts new keys
+FORMAT = "restune-sd latent moments v2"  # what an entry holds (the VAE's mean and std, each image encoded alone):
+# a change starts new keys
 
 
 def user_cache_folder() -> Path:

@@ -17,6 +17,7 @@ from restune_sd.bypass import Tap
 from restune_sd.errors import UserError
 from restune_sd.files import writing
 from restune_sd.inject import class_token
+from restune_sd.sweep_vit import class_losses
 
 CACHE_TAPS = ("auto", "yes", "no")
 FOLDER = "taps"  # in the run folder: each process's share of the taps, one safetensors file each
@@ -217,11 +218,14 @@ def with_cached_taps(job, session, crops: bool, batch_size: int):
     def loss(model, batch: dict, step: int) -> torch.Tensor:
         return F.cross_entropy(model(batch["taps"].to(device)).float(), batch["label"].to(device))
 
+    def sample_losses(model, batch: dict, step: int) -> torch.Tensor:  # a sweep's, [K, B]
+        return class_losses(model(batch["taps"].to(device)), batch["label"].to(device))
+
     def finish(tuned) -> dict:
         taps.remove()
         with accelerator.autocast():  # the ViT itself was not prepared, so its forward is not autocast by accelerate
             return {**job.finish(tuned), "cached_taps": True, "taps_seconds": taps.seconds}
 
-    return dataclasses.replace(job, dataset=taps, loss=loss, trains=TapClassifier(vit), finish=finish,
-                               prepare=lambda: taps.compute(vit, reads(session.tuning), session, batch_size,
-                                                            cfg.num_workers))
+    return dataclasses.replace(job, dataset=taps, loss=loss, sample_losses=sample_losses, trains=TapClassifier(vit),
+                               finish=finish, prepare=lambda: taps.compute(vit, reads(session.tuning), session,
+                                                                            batch_size, cfg.num_workers))

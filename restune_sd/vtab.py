@@ -12,7 +12,7 @@ from restune_sd.errors import UserError
 
 # Where a run's files go and how it is logged: nothing a task's top-1 depends on.
 NOT_DECIDING = ("output", "data", "resume", "checkpoint_every", "keep_checkpoints", "report_to", "tensorboard",
-                "num_workers", "eval_batch_size", "cache_taps")
+                "num_workers", "eval_batch_size", "cache_taps", "sweep")  # sweep: --vtab-all trains no sweep
 TABLE, TABLE_MD = "vtab.json", "vtab.md"
 
 

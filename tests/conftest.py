@@ -110,6 +110,14 @@ def launched_in_two_processes(args: list[str], output, batch_size: int) -> dict:
     return load_file(str(Path(output) / "tuner" / "tuner.safetensors"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def session_latent_cache(tmp_path_factory):
+    """Module fixtures (set up before any test's own cache) use a cache folder of the session's, never the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-session")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def own_latent_cache(tmp_path_factory, monkeypatch):
     """Each test's shared latent cache (--cache-dir auto) is a folder of its own: never the user's, nor another test's."""
