@@ -135,11 +135,9 @@ class Encoders:
         self.counts["latents_from_cache"] += sum(key in saved for key in keys)
         missing = [i for i, key in enumerate(keys) if key not in saved and keys.index(key) == i]  # first of each key
         if missing:
-            # With a cache, one image per VAE call: a kept latent is then a function of its pixels alone, never of the
-            # batch it was first encoded in, so a run that reads it (a resume, another run) sees the bits it would
-            # compute itself.
-            calls = [[i] for i in missing] if self.latents else [missing]
-            dists = [self.comps.vae.encode(pixels[call].to(device, self.dtype)).latent_dist for call in calls]
+            # One image per VAE call: a latent is then a function of its pixels alone, never of the batch it was
+            # encoded in, so cached, encoded-ahead and per-step latents agree to the bit, also across runs.
+            dists = [self.comps.vae.encode(pixels[[i]].to(device, self.dtype)).latent_dist for i in missing]
             means, stds = torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
             self.counts["latents_encoded"] += len(missing)
             for i, mean, std in zip(missing, means, stds):
