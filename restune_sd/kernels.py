@@ -2,7 +2,7 @@
 on every call, a copy as large as the weight, which costs more than the plain kernel where the weight outweighs the
 activation (SD's 1,280- and 2,560-channel convolutions at 4x4 to 16x16); those run on the plain kernel.
 
-Measured (evaluation/results/bypass-floor.md): the frozen forward's peak above the weights and its time drop; its
+Measured (evaluation/results/bypass-floor/summary.md): the frozen forward's peak above the weights and its time drop; its
 output differs from oneDNN's by float rounding (about 1e-6 relative). fp32 only: in bf16 the plain kernel is two
 orders of magnitude slower. Sampling keeps oneDNN, so it draws exactly what a stock pipeline draws.
 """

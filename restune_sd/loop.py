@@ -2,10 +2,11 @@
 
 A job brings its model with the tuner attached, its data and its loss (`Job`); `fit` does the rest: accelerate,
 the optimizer (optimizers.py), the schedule and the EMA (ema.py), the step loop with metrics, progress, checkpoints,
-the NaN stop and the weights check, the final tuner and the results. The run folder's life (lock, take-over,
-checkpoints) is runfolder.py's, the settings runconfig.py's and the sample stream streams.py's. Every random draw is
-a pure function of the seed, the step and the sample's position in the global batch, so a resumed run and a run split
-over N processes see the same numbers as one uninterrupted process with the combined batch.
+the NaN stop and the weights check (divergence.py), the final tuner and the results. The run folder's life (lock,
+take-over) is runfolder.py's, the checkpoints checkpoints.py's, the settings runconfig.py's and the sample stream
+streams.py's. Every random draw is a pure function of the seed, the step and the sample's position in the global
+batch, so a resumed run and a run split over N processes see the same numbers as one uninterrupted process with the
+combined batch.
 """
 
 import dataclasses
@@ -22,15 +23,16 @@ import numpy as np
 import torch
 
 from restune_sd.config import TuningConfig, resolve_tuner
+from restune_sd.divergence import require_sound_weights, stop_on_nan
 from restune_sd.ema import TunerEMA, ema_folder
 from restune_sd.errors import UserError
 from restune_sd.files import warn, write_text_atomic, writing
 from restune_sd.optimizers import build_optimizer, require_optimizer
 from restune_sd.runconfig import (PROJECT, WHOLE, RunConfig, lr_schedule, require_trackers,  # noqa: F401 (WHOLE: jobs)
                                   resumed_config, settings_given, tracker_config)
-from restune_sd.runfolder import (FolderLock, RunPlan, checkpoint_state, clear_stale, disk_hint, finished_results,
-                                  locate_run, main_process, read_marker, read_metrics, save_checkpoint, set_rng_state,
-                                  write_marker, write_tuner)
+from restune_sd.checkpoints import checkpoint_state, disk_hint, save_checkpoint, set_rng_state, write_tuner
+from restune_sd.runfolder import (FolderLock, RunPlan, clear_stale, finished_results, locate_run, main_process, read_marker,
+                                  read_metrics, write_marker)
 from restune_sd.streams import StepBatches, sample_stream, seeded  # noqa: F401  (seeded: the jobs' draws)
 from restune_sd.summary import parameter_summary
 from restune_sd.text_encoder_lora import average_gradients, outside_parameters, tuned_parameters
@@ -335,33 +337,6 @@ def end_step(session: Session, job: Job, entry: dict, last_checkpoint: Path | No
         log.write(json.dumps(entry) + "\n")
     session.log({k: v for k, v in entry.items() if k != "step"}, step)
     return entry
-
-
-def require_sound_weights(session: Session, job: Job, params, batch: dict, step: int, last_checkpoint) -> None:
-    """Before a checkpoint or the final save, on every process: the trainable weights and their EMA are finite, and the
-    weights give a finite loss on the step's last micro-batch (one huge update can leave finite weights whose output
-    overflows)."""
-    accelerator = session.accelerator
-    sound = all(bool(torch.isfinite(p).all()) for p in params) and (session.ema is None or session.ema.finite())
-    if sound:  # the unwrapped model: a distributed wrapper's forward on one rank alone could wait for the others
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices), accelerator.autocast():
-            sound = bool(torch.isfinite(job.loss(job.called, batch, step)).all())
-    if accelerator.reduce(torch.tensor(float(not sound), device=session.device), reduction="sum").item():
-        kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
-        raise UserError(f"the trainable weights diverged by step {step + 1} (non-finite weights or EMA weights, or a "
-                        f"non-finite loss with them); stopped without saving them ({kept}). Lower --learning-rate or "
-                        "use bf16/fp32")
-
-
-def stop_on_nan(step_loss: float, step: int, first: int, last_checkpoint: Path | None) -> None:
-    if math.isfinite(step_loss):
-        return
-    kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
-    if step == first:  # before any update the learning rate cannot be the cause
-        raise UserError(f"loss became {step_loss} at step {step + 1}, before any update; stopped ({kept}). "
-                        "The model, the tuner's weights or config (e.g. a non-finite scale) or the data give it")
-    raise UserError(f"loss became {step_loss} at step {step + 1}; stopped ({kept}). Lower --learning-rate or use bf16/fp32")
 
 
 def finish(plan, session, job, history, last_checkpoint, corrupt, total_steps: int, seconds: float) -> dict:

@@ -112,7 +112,7 @@ class Sweep:
 
     def write_tuners(self, folder: Path, extra: dict, hint: str, ema=None) -> None:
         """Each variant's tuner in FOLDER/<variant>/, the folder `sample --tuner` loads, as trained alone."""
-        from restune_sd.runfolder import write_tuner
+        from restune_sd.checkpoints import write_tuner
 
         for k, variant in enumerate(self.variants):
             with self.as_variant(k) as model:

@@ -91,7 +91,7 @@ def poison_weights_after(monkeypatch, bad_step: int, poison) -> None:
 
 def reseal(checkpoint) -> None:
     """Give an altered checkpoint a matching checksum, as someone who edits both files would."""
-    from restune_sd.runfolder import checksum_path, sha256_file
+    from restune_sd.checkpoints import checksum_path, sha256_file
 
     checksum_path(Path(checkpoint)).write_text(sha256_file(Path(checkpoint)) + "\n")
 

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from conftest import poison_weights_after
 from restune_sd.cli.main import app
-from restune_sd.runfolder import LOCK, MARKER, FolderLock, checksum_path
+from restune_sd.checkpoints import checksum_path
+from restune_sd.runfolder import LOCK, MARKER, FolderLock
 from restune_sd.train import TrainConfig, train
 
 runner = CliRunner()
