@@ -17,8 +17,9 @@ import torch
 
 from restune_sd.config import preset
 from restune_sd.errors import UserError
-from restune_sd.evaluation.bench import (BenchConfig, DTYPES, Workload, check, child_env, environment, failure,
-                                         load_backbone, memory_mb, reset_peak, settings, synchronize)
+from restune_sd.evaluation.bench import BenchConfig, check, environment, settings
+from restune_sd.evaluation.bench_child import (DTYPES, Workload, child_env, failure, load_backbone, memory_mb, reset_peak,
+                                               synchronize)
 from restune_sd.files import write_text_atomic
 
 TARGETS = {"step_seconds": 1.6, "above_weights_mb": 1.3}  # the sweep's figure over one variant's, at most
