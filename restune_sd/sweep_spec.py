@@ -61,6 +61,9 @@ def expand_sweep(cfg, backbone: str) -> list[dict]:
     names = [variant[NAME] for variant in checked]
     if twice := next((name for name in names if names.count(name) > 1), None):
         raise UserError(f"--sweep gives variant {twice} twice: each variant's settings (or name) must differ")
+    if clash := next((name for name in names if f"{name}-ema" in names), None):  # NAME-ema holds NAME's EMA tuner
+        raise UserError(f"--sweep variants {clash} and {clash}-ema would share the folder {clash}-ema (the first's EMA "
+                        "weights go there): rename one of them")
     return checked
 
 

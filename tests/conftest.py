@@ -143,6 +143,24 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def vit_folder(tmp_path_factory):
+    """A tiny random ViT classifier folder (transformers layout), written once per test module."""
+    from restune_sd.tiny import write_tiny_vit
+
+    return str(write_tiny_vit(tmp_path_factory.mktemp("vit") / "tiny-vit"))
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """A `classfolder:` spec of six classes of coloured shapes, 8 images of 32 px each, written once per test module."""
+    from restune_sd.datasets import make_synthetic_classification
+
+    root = make_synthetic_classification("classfolder", tmp_path_factory.mktemp("data") / "shapes", num_classes=6,
+                                         images_per_class=8, size=32)
+    return f"classfolder:{root}"
+
+
+@pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A `folder:` data spec of 4 generated captioned images, written once per test module."""
     from restune_sd.datasets import make_synthetic

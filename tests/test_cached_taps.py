@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import launched_in_two_processes, one_error_line
 from safetensors.torch import load_file
 
@@ -18,15 +17,8 @@ from restune_sd.tiny import write_tiny_vit
 
 
 @pytest.fixture(scope="module")
-def vit(tmp_path_factory):
-    return str(write_tiny_vit(tmp_path_factory.mktemp("vit") / "tiny-vit"))
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = make_synthetic_classification("classfolder", tmp_path_factory.mktemp("data") / "shapes", num_classes=6,
-                                         images_per_class=8, size=32)
-    return f"classfolder:{root}"
+def vit(vit_folder):  # the model folder (conftest's `vit` is a model object)
+    return vit_folder
 
 
 def run(vit, data, out, **overrides) -> dict:

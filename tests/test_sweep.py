@@ -170,9 +170,11 @@ def test_bad_sweep_files_and_companions_get_one_line_each(tiny, folder_data, tmp
     (tmp_path / "mapping.yaml").write_text("learning_rate: 1e-4\n")
     (tmp_path / "empty.yaml").write_text("[]\n")
     (tmp_path / "nothing.yaml").write_text("- {name: a}\n")
+    (tmp_path / "ema-clash.yaml").write_text("- {name: a, learning_rate: 1e-4}\n- {name: a-ema, learning_rate: 1e-3}\n")
     assert "holds a dict, not a list" in one_error_line(args + ["--sweep", str(tmp_path / "mapping.yaml")])
     assert "must list one or more mappings" in one_error_line(args + ["--sweep", str(tmp_path / "empty.yaml")])
     assert "changes no setting" in one_error_line(args + ["--sweep", str(tmp_path / "nothing.yaml")])
+    assert "would share the folder a-ema" in one_error_line(args + ["--sweep", str(tmp_path / "ema-clash.yaml")])
     assert "give it alone" in one_error_line(args + ["--sweep", str(tmp_path / "mapping.yaml"), "--sweep",
                                                      "learning_rate=1e-4"])
     assert "does not combine with --validation-prompt" in one_error_line(

@@ -14,22 +14,13 @@ from typer.testing import CliRunner
 
 from restune_sd.classify import ClassifyConfig, classify
 from restune_sd.cli.main import app
-from restune_sd.datasets import make_synthetic_classification
-from restune_sd.tiny import write_tiny_vit
 
 TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
-def vit(tmp_path_factory):
-    return str(write_tiny_vit(tmp_path_factory.mktemp("vit") / "tiny-vit"))
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = make_synthetic_classification("classfolder", tmp_path_factory.mktemp("data") / "shapes", num_classes=6,
-                                         images_per_class=8, size=32)
-    return f"classfolder:{root}"
+def vit(vit_folder):  # the model folder (conftest's `vit` is a model object)
+    return vit_folder
 
 
 @pytest.fixture(scope="module")
