@@ -254,7 +254,8 @@ def command_line(cfg: BenchConfig) -> str:
 def environment(cfg: BenchConfig) -> dict:
     device = torch.device(cfg.device)
     return {"command": command_line(cfg), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-            "cpu": cpu_name(), "cpu_count": os.cpu_count(), "memory_gb": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
+            "cpu": cpu_name(), "cpu_isa": torch.backends.cpu.get_cpu_capability(),  # AVX2, AVX512: bf16 speed differs
+            "cpu_count": os.cpu_count(), "memory_gb": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
 

@@ -2,6 +2,7 @@
 backbone's memory, the bare and tuned sampling speed, the AdamW steps on random inputs of the backbone's shapes, and
 the same tuner through `restune-sd train` on a full-size random SD v1.5 pipeline folder."""
 
+import ctypes
 import json
 import os
 import resource
@@ -27,12 +28,23 @@ def rss_mb() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def release_freed_heap() -> None:
+    """Hand the C heap's freed but retained pages back to the system (glibc's malloc_trim), so that what an earlier
+    phase freed (a sampling loop's activations) does not count in the resident peak of the next; a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def reset_peak(device: torch.device) -> None:
-    """Start counting the peak afresh: CUDA's allocator statistics, or Linux's high-water mark of resident memory."""
+    """Start counting the peak afresh: CUDA's allocator statistics, or Linux's high-water mark of resident memory
+    (after the heap's freed pages are returned, so the count starts from what is live)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         return
+    release_freed_heap()
     try:
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")  # resets VmHWM, which getrusage's ru_maxrss reports
@@ -142,6 +154,7 @@ def measure(spec: dict) -> dict:
     if kind == "sd":
         set_attention_backend(model, spec["attention"])
     workload = Workload(kind, model, spec, device, dtype)
+    release_freed_heap()  # what loading freed is not part of the weights
     weights_mb = memory_mb(device, peak=False)
     reset_peak(device)
     with torch.no_grad(), workload.autocast():  # the floor of a bypass step: one frozen forward under no autograd

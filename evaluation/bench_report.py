@@ -59,7 +59,9 @@ def markdown(result: dict) -> str:
     env, cfg, rows = result["environment"], result["settings"], result["rows"]
     sd = cfg["kind"] == "sd"
     speed_key = "sample_seconds_per_image" if sd else "images_per_second"
-    memory = "CUDA max_memory_allocated" if env["gpu"] else "peak RSS (ru_maxrss) of the process"
+    memory = ("CUDA max_memory_allocated" if env["gpu"] else
+              "peak RSS (ru_maxrss) of the process, each count started once the C heap returned its freed pages (malloc_trim)")
+    isa = f" ({env['cpu_isa']})" if env.get("cpu_isa") and not env["gpu"] else ""
     by_name = {row["contender"]: row for row in rows}
     lora = lora_base(list(by_name))
     per_lora = f"÷ {'LoRA' if lora in (None, 'lora') else lora}"
@@ -67,7 +69,7 @@ def markdown(result: dict) -> str:
         f"# restune-sd bench {cfg['kind']}: {cfg['model']}, {cfg['resolution']} px, batch {cfg['batch']}, "
         f"{cfg['precision']}, {cfg['device']}" + (f", {cfg['attention']} attention" if sd else ""), "",
         f"Command: `{env['command']}`  ",
-        f"Machine: {env['gpu'] or env['cpu']} ({env['cpu_count']} CPU cores, {env['memory_gb']} GB), torch "
+        f"Machine: {env['gpu'] or env['cpu']}{isa} ({env['cpu_count']} CPU cores, {env['memory_gb']} GB), torch "
         f"{env['torch']}, {env['date_utc']} UTC  ",
         f"Each contender in its own process: {cfg['warmup']} warm-up + {cfg['steps']} timed AdamW steps on random "
         f"inputs, {cfg['repeats']} interleaved repeat(s), medians. Memory: {memory}; \"above weights\" subtracts the "

@@ -137,3 +137,23 @@ def test_with_no_lora_at_all_the_table_says_why_its_column_is_empty(lora_r4_benc
     result, _ = lora_r4_bench
     table = markdown({**result, "rows": [row for row in result["rows"] if row["contender"] == "bypass"]})
     assert "| — | — |" in table and "÷ LoRA: no LoRA contender ran in this bench" in table and "--tuners" in table
+
+
+
+def test_a_peak_count_starts_from_what_is_live_not_what_was_freed():
+    """Small tensors freed by an earlier phase (sampling) stay in the C heap's resident pages unless handed back;
+    `reset_peak` hands them back, so the resident baseline the next peak counts from drops."""
+    import torch
+
+    from restune_sd.evaluation.bench_child import reset_peak, rss_mb
+
+    chunks = [torch.ones(16_000) for _ in range(4_000)]  # 64 KB each, under malloc's mmap threshold: heap pages
+    keep = chunks[::400]  # a few live ones scattered through the heap, so trimming its top alone frees little
+    held = rss_mb()
+    del chunks
+    freed_only = rss_mb()
+    reset_peak(torch.device("cpu"))
+    counted_from = rss_mb()
+    assert held - freed_only < 50  # freeing alone leaves the pages resident (measured: 0 MB of 250 MB)
+    assert freed_only - counted_from > 150, (held, freed_only, counted_from)  # measured: 245 MB handed back
+    assert all(chunk.sum() == 16_000 for chunk in keep)  # the live ones are untouched
