@@ -8,6 +8,7 @@ inputs of SD's shapes. Repeats are interleaved and the medians reported, as `res
 """
 
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from restune_sd.files import write_text_atomic
 
 TARGETS = {"step_seconds": 1.6, "above_weights_mb": 1.3}  # the sweep's figure over one variant's, at most
 MAX_SWEEP = 64
+KEYS = ("model", "resolution", "batch", "precision", "steps", "warmup", "device", "attention")  # what a round reads
 
 
 def measure_sweep(spec: dict) -> dict:
@@ -89,8 +91,7 @@ def run_sweep_bench(cfg: BenchConfig, count: int) -> dict:
     if not 2 <= count <= MAX_SWEEP:
         raise UserError(f"--sweep must be a number of variants from 2 to {MAX_SWEEP}, not {count}")
     cfg = check(cfg)
-    keys = ("model", "resolution", "batch", "precision", "steps", "warmup", "device", "attention")
-    base = {key: getattr(cfg, key) for key in keys}
+    base = {key: getattr(cfg, key) for key in KEYS}
     runs = {1: [], count: []}
     for round_ in range(cfg.repeats):
         for k in ((1, count) if round_ % 2 == 0 else (count, 1)):
@@ -98,13 +99,21 @@ def run_sweep_bench(cfg: BenchConfig, count: int) -> dict:
             runs[k].append(run_child({**base, "count": k}))
     rows = [aggregate(k, runs[k]) for k in (1, count)]
     ratios = {key: rows[1][key] / rows[0][key] for key in TARGETS if rows[0].get(key) and rows[1].get(key) is not None}
-    result = {"environment": environment(cfg), "settings": {**settings(cfg), "sweep": count}, "rows": rows,
+    result = {"environment": {**environment(cfg), "command": command_line(cfg, count)}, "settings": {**settings(cfg), "sweep": count}, "rows": rows,
               "ratios": ratios, "targets": TARGETS,
               "meets_targets": bool(ratios) and all(ratios.get(key, float("inf")) <= TARGETS[key] for key in TARGETS)}
     cfg.output.mkdir(parents=True, exist_ok=True)
     write_text_atomic(cfg.output / "results.json", json.dumps(result, indent=2) + "\n")
     write_text_atomic(cfg.output / "results.md", markdown(result))
     return result
+
+
+def command_line(cfg: BenchConfig, count: int) -> str:
+    """The `restune-sd bench sd --sweep` command that repeats this run, every setting it reads spelled out."""
+    words = ["restune-sd", "bench", "sd", "--sweep", str(count), "--output", str(cfg.output)]
+    for key in (*KEYS, "repeats"):
+        words += [f"--{key.replace('_', '-')}", str(getattr(cfg, key))]
+    return shlex.join(words)
 
 
 def aggregate(count: int, runs: list[dict]) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from restune_sd.config import TuningConfig
 from restune_sd.errors import UserError
@@ -24,14 +25,21 @@ LADDER = "restune_bypass.ladder"
 
 
 class LadderSet(nn.Module):
-    """K ladders on the same taps: their outputs stacked along the batch, variant k's rows the k-th block."""
+    """K ladders on the same taps: their outputs stacked along the batch, variant k's rows the k-th block.
+    `recompute`: keep no ladder's activations for backward (a UNet's, large); a ViT's, on 13 tokens, are not worth
+    the second forward, which on cached taps is a third of the work."""
 
-    def __init__(self, ladders: list[nn.Module]):
+    def __init__(self, ladders: list[nn.Module], recompute: bool = False):
         super().__init__()
-        self.ladders = nn.ModuleList(ladders)
+        self.ladders, self.recompute = nn.ModuleList(ladders), recompute
 
     def forward(self, root: torch.Tensor, stems: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([ladder(root, stems) for ladder in self.ladders])
+        if not self.recompute or len(self.ladders) == 1 or not torch.is_grad_enabled():
+            return torch.cat([ladder(root, stems) for ladder in self.ladders])
+        # Saved for backward, K ladders' activations would all be alive when backward starts. Each ladder is run
+        # again in its own backward instead, so one ladder's are alive at a time; the taps are saved once for all,
+        # and a ladder's forward is a few percent of the frozen UNet's. The values are those of the plain forward.
+        return torch.cat([checkpoint(ladder, root, stems, use_reentrant=False) for ladder in self.ladders])
 
 
 class VariantRows(nn.Module):
@@ -211,7 +219,7 @@ def attach_ladders(model: nn.Module, tunings: list[TuningConfig], seed: int | to
         torch.set_rng_state(seed) if isinstance(seed, torch.Tensor) else torch.manual_seed(seed)
         ladders.append(make(model, tuning.bypass) if tuning.bypass else LastStem())
     torch.set_rng_state(after)  # what follows draws as after the one tuner's attach
-    ladders = LadderSet(ladders).to(next(model.parameters()).device)
+    ladders = LadderSet(ladders, recompute=model.restune.backbone != "vit").to(next(model.parameters()).device)
     model.restune_bypass.ladder = ladders
     model.restune.param_names = [name for name, p in model.named_parameters() if p.requires_grad]
     return ladders

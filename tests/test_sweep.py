@@ -182,6 +182,43 @@ def test_bad_sweep_files_and_companions_get_one_line_each(tiny, folder_data, tmp
     assert not (tmp_path / "run").exists()
 
 
+def kept_for_backward(step) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """What `step` returns, and the tensors autograd saved for backward while it ran."""
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = step()
+    return out, kept
+
+
+def test_k_ladders_keep_only_the_taps_for_backward_and_give_the_plain_forwards_gradients():
+    from restune_sd.config import preset
+    from restune_sd.inject import attach
+    from restune_sd.sweep import attach_ladders
+
+    model, tuning = tiny_unet(), preset("bypass", "unet")
+    attach(model, tuning)
+    ladders = attach_ladders(model, [tuning] * 3, seed=0)
+    taps = []
+    ladders.register_forward_pre_hook(lambda _, args: taps.append(args))
+    model(*unet_inputs())
+    root, stems = taps[0]
+    shared = {t.untyped_storage().data_ptr() for t in [root, *stems]}
+
+    def gradients(step) -> tuple[list[torch.Tensor], int]:
+        ladders.zero_grad(set_to_none=True)
+        out, kept = kept_for_backward(step)
+        out.square().sum().backward()
+        own = sum(t.numel() * t.element_size() for t in kept if t.untyped_storage().data_ptr() not in shared)
+        return [p.grad.clone() for p in ladders.parameters()], own
+
+    plain, plain_own = gradients(lambda: torch.cat([ladder(root, stems) for ladder in ladders.ladders]))
+    ours, ours_own = gradients(lambda: ladders(root, stems))
+    # The plain forward keeps each ladder's activations; ours keeps only the taps and runs each ladder again in its
+    # own backward, one ladder's activations alive at a time.
+    assert plain_own > 0 and ours_own == 0, (plain_own, ours_own)
+    assert all(torch.equal(a, b) for a, b in zip(plain, ours, strict=True))
+
+
 def test_bench_sd_sweep_measures_one_variant_against_k_in_processes_of_their_own(tiny, tmp_path):
     from typer.testing import CliRunner
 
@@ -196,6 +233,7 @@ def test_bench_sd_sweep_measures_one_variant_against_k_in_processes_of_their_own
     assert (one["variants"], three["variants"]) == (1, 3) and "error" not in one and "error" not in three
     assert three["trainable_params"] == 3 * one["trainable_params"] > 0
     assert figures["ratios"]["step_seconds"] == three["step_seconds"] / one["step_seconds"]
+    assert figures["environment"]["command"].startswith(f"restune-sd bench sd --sweep 3 --output {output} --model ")
     assert "meets the targets" in (output / "results.md").read_text()
     assert "--sweep must be a number of variants from 2" in one_error_line(
         ["bench", "sd", "--sweep", "1", "--model", tiny, "--output", str(tmp_path / "other")])
