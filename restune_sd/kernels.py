@@ -7,8 +7,21 @@ output differs from oneDNN's by float rounding (about 1e-6 relative). fp32 only:
 orders of magnitude slower. Sampling keeps oneDNN, so it draws exactly what a stock pipeline draws.
 """
 
+import platform
+
 import torch
 from torch import nn
+
+# Measured on a 2-core AVX2 AMD EPYC (torch 2.10): a 320-channel 3x3 convolution at 32x32, 2.7 s in bf16 against
+# 0.05 s in fp32. oneDNN's fast bf16 paths need AVX-512 (or AMX) on x86.
+SLOW_BF16 = ("--mixed-precision bf16: this CPU has no AVX-512, and PyTorch's bf16 convolutions run about 50x slower "
+             "than fp32 on it; --mixed-precision no is faster here")
+
+
+def slow_cpu_bf16(device: torch.device) -> bool:
+    """Whether bf16 on `device` is an x86 CPU without AVX-512, where PyTorch's bf16 kernels crawl."""
+    return (device.type == "cpu" and platform.machine().lower() in ("x86_64", "amd64")
+            and not torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
 
 
 def prefers_plain_kernel(conv: nn.Conv2d, x: torch.Tensor) -> bool:

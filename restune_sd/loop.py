@@ -27,6 +27,7 @@ from restune_sd.divergence import require_sound_weights, stop_on_nan
 from restune_sd.ema import TunerEMA, ema_folder
 from restune_sd.errors import UserError
 from restune_sd.files import warn, write_text_atomic, writing
+from restune_sd.kernels import SLOW_BF16, slow_cpu_bf16
 from restune_sd.optimizers import build_optimizer, require_optimizer
 from restune_sd.runconfig import (PROJECT, WHOLE, RunConfig, lr_schedule, require_trackers,  # noqa: F401 (WHOLE: jobs)
                                   resumed_config, settings_given, tracker_config)
@@ -150,6 +151,8 @@ def start(cfg: RunConfig, backbone: str, early_files: tuple[str, ...], given: se
                                                                   logging_dir=str(plan.run / "tensorboard")))
     if cfg.mixed_precision == "fp16" and accelerator.device.type != "cuda":
         raise UserError("--mixed-precision fp16 needs a CUDA GPU: use no or bf16 on CPU")
+    if cfg.mixed_precision == "bf16" and slow_cpu_bf16(accelerator.device) and accelerator.is_main_process:
+        warn(SLOW_BF16)
     require_optimizer(cfg, accelerator.device, accelerator.is_main_process)
     require_writable(plan.run)
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]

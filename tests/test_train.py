@@ -261,6 +261,19 @@ def test_training_options(tiny, folder_data, tmp_path, name):
         assert json.loads((tmp_path / "run" / "config.json").read_text())["prediction_type"] == "v_prediction"
 
 
+@pytest.mark.parametrize("isa, slow", [("AVX2", True), ("DEFAULT", True), ("AVX512", False)])
+def test_bf16_on_an_x86_cpu_without_avx512_gets_a_warning_line(tiny, folder_data, tmp_path, monkeypatch, capsys,
+                                                                 isa, slow):
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: isa)
+    train(config(tiny, folder_data, tmp_path / "run", max_steps=1, mixed_precision="bf16"))
+    warned = [line for line in capsys.readouterr().err.splitlines() if "no AVX-512" in line]
+    assert warned == (["warning: --mixed-precision bf16: this CPU has no AVX-512, and PyTorch's bf16 convolutions run "
+                       "about 50x slower than fp32 on it; --mixed-precision no is faster here"] if slow else [])
+
+
 def factors(total: int, **settings) -> list[float]:
     cfg = TrainConfig(model="m", data="d", tuner="t", output="o", learning_rate=1.0, **settings)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
