@@ -242,18 +242,23 @@ def add_ratios(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def spelled_out(cfg: BenchConfig, keys) -> list[str]:
+    """`--key value` for each of `cfg`'s settings named in `keys`."""
+    return [word for key in keys for word in (f"--{key.replace('_', '-')}", str(getattr(cfg, key)))]
+
+
 def command_line(cfg: BenchConfig) -> str:
     """The `restune-sd bench` command that repeats this run, every setting spelled out."""
     words = ["restune-sd", "bench", cfg.kind, "--output", str(cfg.output), "--tuners", ",".join(cfg.tuners)]
-    for key in ("model", "resolution", "batch", "precision", "steps", "warmup", "repeats", "sample_steps", "device",
-                *(("attention",) if cfg.kind == "sd" else ())):
-        words += [f"--{key.replace('_', '-')}", str(getattr(cfg, key))]
+    words += spelled_out(cfg, ("model", "resolution", "batch", "precision", "steps", "warmup", "repeats",
+                               "sample_steps", "device", *(("attention",) if cfg.kind == "sd" else ())))
     return shlex.join(words + (["--through-cli"] if cfg.through_cli else []))
 
 
-def environment(cfg: BenchConfig) -> dict:
+def environment(cfg: BenchConfig, command: str | None = None) -> dict:
+    """The machine and the command (default: `command_line(cfg)`) that made a run's figures."""
     device = torch.device(cfg.device)
-    return {"command": command_line(cfg), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    return {"command": command or command_line(cfg), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
             "cpu": cpu_name(), "cpu_isa": torch.backends.cpu.get_cpu_capability(),  # AVX2, AVX512: bf16 speed differs
             "cpu_count": os.cpu_count(), "memory_gb": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,

@@ -18,7 +18,7 @@ import torch
 
 from restune_sd.config import preset
 from restune_sd.errors import UserError
-from restune_sd.evaluation.bench import BenchConfig, check, environment, settings
+from restune_sd.evaluation.bench import BenchConfig, check, environment, settings, spelled_out
 from restune_sd.evaluation.bench_child import (DTYPES, Workload, child_env, failure, load_backbone, memory_mb,
                                                release_freed_heap, reset_peak, synchronize)
 from restune_sd.files import write_text_atomic
@@ -99,8 +99,8 @@ def run_sweep_bench(cfg: BenchConfig, count: int) -> dict:
             runs[k].append(run_child({**base, "count": k}))
     rows = [aggregate(k, runs[k]) for k in (1, count)]
     ratios = {key: rows[1][key] / rows[0][key] for key in TARGETS if rows[0].get(key) and rows[1].get(key) is not None}
-    result = {"environment": {**environment(cfg), "command": command_line(cfg, count)}, "settings": {**settings(cfg), "sweep": count}, "rows": rows,
-              "ratios": ratios, "targets": TARGETS,
+    result = {"environment": environment(cfg, command_line(cfg, count)), "settings": {**settings(cfg), "sweep": count},
+              "rows": rows, "ratios": ratios, "targets": TARGETS,
               "meets_targets": bool(ratios) and all(ratios.get(key, float("inf")) <= TARGETS[key] for key in TARGETS)}
     cfg.output.mkdir(parents=True, exist_ok=True)
     write_text_atomic(cfg.output / "results.json", json.dumps(result, indent=2) + "\n")
@@ -111,9 +111,7 @@ def run_sweep_bench(cfg: BenchConfig, count: int) -> dict:
 def command_line(cfg: BenchConfig, count: int) -> str:
     """The `restune-sd bench sd --sweep` command that repeats this run, every setting it reads spelled out."""
     words = ["restune-sd", "bench", "sd", "--sweep", str(count), "--output", str(cfg.output)]
-    for key in (*KEYS, "repeats"):
-        words += [f"--{key.replace('_', '-')}", str(getattr(cfg, key))]
-    return shlex.join(words)
+    return shlex.join(words + spelled_out(cfg, (*KEYS, "repeats")))
 
 
 def aggregate(count: int, runs: list[dict]) -> dict:

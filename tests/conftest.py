@@ -96,8 +96,9 @@ def reseal(checkpoint) -> None:
     checksum_path(Path(checkpoint)).write_text(sha256_file(Path(checkpoint)) + "\n")
 
 
-def launched_in_two_processes(args: list[str], output, batch_size: int) -> dict:
-    """`restune-sd ARGS` run under `accelerate launch` as two CPU processes into `output`; its tuner's tensors."""
+def launched_in_two_processes(args: list[str], output, batch_size: int, tuner: str = "tuner") -> dict:
+    """`restune-sd ARGS` run under `accelerate launch` as two CPU processes into `output`; the tensors of its tuner
+    folder `tuner` (a sweep's: tuner/VARIANT)."""
     from safetensors.torch import load_file
 
     cli, accelerate = (str(Path(sys.executable).with_name(name)) for name in ("restune-sd", "accelerate"))
@@ -107,7 +108,7 @@ def launched_in_two_processes(args: list[str], output, batch_size: int) -> dict:
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((Path(output) / "results.json").read_text())["num_processes"] == 2
-    return load_file(str(Path(output) / "tuner" / "tuner.safetensors"))
+    return load_file(str(Path(output) / tuner / "tuner.safetensors"))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import one_error_line, tiny_unet, unet_inputs
+from conftest import launched_in_two_processes, one_error_line, tiny_unet, unet_inputs
 from safetensors.torch import load_file
 
 import restune_sd.train as training
@@ -217,6 +217,17 @@ def test_k_ladders_keep_only_the_taps_for_backward_and_give_the_plain_forwards_g
     # own backward, one ladder's activations alive at a time.
     assert plain_own > 0 and ours_own == 0, (plain_own, ours_own)
     assert all(torch.equal(a, b) for a, b in zip(plain, ours, strict=True))
+
+
+def test_a_sweep_in_two_processes_equals_one_process_with_the_combined_batch(tiny, folder_data, tmp_path):
+    # Each ladder recomputed in its own backward (checkpointing) under DDP's gradient all-reduce.
+    args = ["train", "--model", tiny, "--data", folder_data, "--tuner", "bypass", "--max-steps", "3",
+            "--learning-rate", "1e-3", "--report-to", "none", "--sweep", "learning_rate=1e-3,3e-3"]
+    first = launched_in_two_processes(args, tmp_path / "two", batch_size=1, tuner="tuner/learning_rate=1e-3")
+    train(config(tiny, folder_data, tmp_path / "one", sweep=["learning_rate=1e-3,3e-3"], batch_size=2))
+    assert_close(first, tensors(tmp_path / "one" / "tuner" / "learning_rate=1e-3"))
+    assert_close(tensors(tmp_path / "two" / "tuner" / "learning_rate=3e-3"),
+                 tensors(tmp_path / "one" / "tuner" / "learning_rate=3e-3"))
 
 
 def test_bench_sd_sweep_measures_one_variant_against_k_in_processes_of_their_own(tiny, tmp_path):
